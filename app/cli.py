@@ -1,0 +1,104 @@
+"""``factpatch``: serve, db upgrade, keys, config, and the measurement commands (eval, bench, detect)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="factpatch: edit the factual knowledge of a served language model.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+console = Console()
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Bind address (default FACTPATCH_HOST)."),
+    port: Optional[int] = typer.Option(None, help="Port (default FACTPATCH_PORT)."),
+    workers: int = typer.Option(1, help="Worker processes; each loads its own model copy."),
+) -> None:
+    """Run migrations, load the model and serve the HTTP API."""
+    import uvicorn
+
+    from app.settings import get_settings
+
+    s = get_settings()
+    uvicorn.run(
+        "app.main:create_app", factory=True, host=host or s.host, port=port or s.port, workers=workers,
+        log_level=s.log_level.lower(),
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="Target revision.")) -> None:
+    """Apply migrations to FACTPATCH_DATABASE_URL (or the embedded SQLite file)."""
+    from app.settings import get_settings
+    from app.store import Database
+
+    s = get_settings()
+    db = Database(s.resolved_database_url(), s.database_schema)
+    db.upgrade(revision)
+    console.print(f"database {db.describe()} at revision {db.current_revision()}")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: str = typer.Option(..., "--role", help="reader, editor or admin."),
+    name: str = typer.Option("cli", help="A label for the key."),
+) -> None:
+    """Create an API key and print it once."""
+    from app.services.keys import KeyService
+    from app.settings import get_settings
+    from app.store import ROLES, Database
+
+    if role not in ROLES:
+        console.print(f"[red]unknown role {role!r}; choose from {', '.join(ROLES)}[/red]")
+        raise typer.Exit(2)
+    s = get_settings()
+    db = Database(s.resolved_database_url(), s.database_schema)
+    db.upgrade()
+    key_id, raw = KeyService(db).create(name, role)
+    console.print(f"id {key_id} role {role}")
+    print(raw)
+
+
+@app.command("config")
+def show_config(markdown: bool = typer.Option(False, help="Print a Markdown table (for the README).")) -> None:
+    """Every FACTPATCH_* setting with its default and meaning."""
+    from app.settings import Settings
+
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default is not None else ""
+        rows.append((f"FACTPATCH_{name.upper()}", str(default), field.description or ""))
+    if markdown:
+        print("| variable | default | meaning |\n|---|---|---|")
+        for r in rows:
+            print(f"| `{r[0]}` | `{r[1]}` | {r[2]} |" if r[1] else f"| `{r[0]}` | | {r[2]} |")
+        return
+    table = Table("variable", "default", "meaning")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
+# Measurement commands live beside their code; each module exposes ``register(app)``.
+for _module in ("app.eval.cli", "app.cli_detect", "app.cli_calibrate"):
+    try:
+        importlib.import_module(_module).register(app)
+    except ModuleNotFoundError as exc:
+        if exc.name != _module:
+            raise
+    except AttributeError:
+        logging.getLogger(__name__).debug("%s has no register()", _module)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,87 @@
+"""Build the model, store, selector memory and services once; ``app.main`` hands them to FastAPI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.lm.engine import LM
+from app.selector.memory import KeyMemory, build_memory
+from app.services.answers import AnswerService
+from app.services.deltas import DeltaCache
+from app.services.edits import EditService
+from app.services.keys import KeyService
+from app.services.memory_sync import MemorySync
+from app.settings import Settings
+from app.store import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    lm: LM
+    db: Database
+    memory: KeyMemory
+    selector: object
+    sync: MemorySync
+    deltas: DeltaCache
+    keys: KeyService
+    answers: AnswerService
+    edits: EditService
+    admin_key_file: Path | None = None
+    started_at: float = field(default_factory=time.time)
+    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, *, lm: LM | None = None, selector=None, migrate: bool = True) -> "Runtime":
+        settings.home.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.resolved_database_url(), settings.database_schema)
+        if migrate:
+            db.upgrade()
+        keys = KeyService(db)
+        admin_key_file = keys.bootstrap(settings)
+        if lm is None:
+            lm = LM.load(settings.model, settings.home, settings.device, settings.dtype)
+        if selector is None:
+            from app.selector.router import build_selector
+
+            selector = build_selector(lm, settings.selector_encoder, settings.selector_threshold)
+        memory = build_memory(settings.redis_url, settings.redis_prefix)
+        sync = MemorySync(db, memory, selector)
+        deltas = DeltaCache(db, lm)
+        answers = AnswerService(lm, selector, deltas)
+        edits = EditService(db, lm, selector, sync, deltas, answers)
+        rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, admin_key_file)
+        sync.start()
+        for hook in _START_HOOKS:
+            hook(rt)
+        return rt
+
+    def close(self) -> None:
+        for hook in _STOP_HOOKS:
+            try:
+                hook(self)
+            except Exception:  # noqa: BLE001
+                log.exception("shutdown hook failed")
+        self.sync.stop()
+        self.memory.close()
+        self.db.dispose()
+
+
+# Features that run work in the background (jobs) register here to start and stop with the runtime.
+_START_HOOKS: list = []
+_STOP_HOOKS: list = []
+
+
+def on_start(fn):
+    _START_HOOKS.append(fn)
+    return fn
+
+
+def on_stop(fn):
+    _STOP_HOOKS.append(fn)
+    return fn

@@ -1,0 +1,329 @@
+"""Create, supersede, revert and read edits.
+
+One edit: fit the method's delta (no database work yet), embed the selector keys, find an active
+edit it supersedes, measure it through the served path, then write the edit row, its delta, its
+keys and the audit events in one transaction; the shared memory is updated inside that
+transaction, so a Redis failure rolls the rows back and a database failure takes the memory
+change back. Nothing of a failed edit remains anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from app.delta import Delta
+from app.errors import Conflict, FactpatchError, Internal, NotFound, Unavailable, Unprocessable
+from app.lm.engine import LM
+from app.methods import base as methods
+from app.services.answers import AnswerService
+from app.services.deltas import DeltaCache
+from app.services.memory_sync import MemorySync
+from app.store import AuditRepo, Database, EditRepo
+from app.store.models import Edit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditInput:
+    prompt: str
+    target: str
+    subject: str | None = None
+    paraphrases: list[str] = field(default_factory=list)
+    locality_prompts: list[str] = field(default_factory=list)
+    method: str = "pnp"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def request_hash(self) -> str:
+        raw = json.dumps(self.__dict__, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+
+@dataclass
+class CreateResult:
+    edit: Edit
+    replayed: bool = False
+
+
+class EditService:
+    def __init__(self, db: Database, lm: LM, selector, sync: MemorySync, deltas: DeltaCache, answers: AnswerService):
+        self.db = db
+        self.lm = lm
+        self.selector = selector
+        self.sync = sync
+        self.deltas = deltas
+        self.answers = answers
+        self._lock = threading.Lock()  # one change at a time in this process
+
+    # -- reads ---------------------------------------------------------------------------------
+    def get(self, edit_id: str) -> Edit:
+        with self.db.session() as s:
+            edit = EditRepo(s).get(edit_id)
+            if edit is None:
+                raise NotFound(f"no edit {edit_id}", code="edit_not_found")
+            return edit
+
+    def list(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[Edit], str | None]:
+        from app.store.repos import BadCursor
+
+        with self.db.session() as s:
+            try:
+                return EditRepo(s).list(status=status, limit=limit, cursor=cursor)
+            except BadCursor as exc:
+                raise Unprocessable(str(exc), code="invalid_cursor") from exc
+
+    def history(self, edit_id: str) -> list[dict[str, Any]]:
+        with self.db.session() as s:
+            return [
+                {"at": e.at, "actor": e.actor, "action": e.action, "details": e.details}
+                for e in AuditRepo(s).for_entity("edit", edit_id)
+            ]
+
+    # -- create --------------------------------------------------------------------------------
+    def create(self, req: EditInput, *, actor: str | None, idempotency_key: str | None = None) -> CreateResult:
+        try:
+            method = methods.get(req.method)
+        except methods.UnknownMethod:
+            raise Unprocessable(
+                f"unknown method {req.method!r}; known: {', '.join(methods.names())}", code="unknown_method"
+            ) from None
+        try:
+            config = method.parse_config(req.config)
+        except methods.ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            raise Unprocessable(f"config.{loc}: {first.get('msg')}", code="invalid_config") from None
+
+        with self._lock:
+            if idempotency_key:
+                replay = self._replay(idempotency_key, req)
+                if replay is not None:
+                    return CreateResult(replay, replayed=True)
+            self._refuse_no_op(req)
+            t0 = time.perf_counter()
+            try:
+                fit = method.fit(self.lm, self._edit_request(req), config)
+            except FactpatchError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the caller gets a clear error, nothing is stored
+                log.exception("fitting edit failed")
+                raise Internal(f"training the edit failed: {type(exc).__name__}", code="training_failed") from exc
+            record = self.selector.keys_for(req.prompt, req.paraphrases, req.subject)
+            superseded = self._superseded_by(req)
+            edit = Edit(
+                method=req.method, prompt=req.prompt, target=req.target, subject=req.subject,
+                paraphrases=req.paraphrases, locality_prompts=req.locality_prompts, config=config.model_dump(),
+                status="active", supersedes_id=superseded.id if superseded else None,
+                idempotency_key=idempotency_key, request_hash=req.request_hash(), created_by=actor,
+            )
+            edit.id = edit.id or _new_id()
+            record.edit_id = edit.id
+            metrics = self._measure(req, record, fit.delta, superseded)
+            metrics.update(steps=fit.steps, train_ms=round(fit.train_ms, 1), total_ms=round((time.perf_counter() - t0) * 1000, 1))
+            edit.metrics = metrics
+            self._commit_new(edit, fit.delta, record, superseded, actor)
+            return CreateResult(self.get(edit.id))
+
+    def _edit_request(self, req: EditInput) -> methods.EditRequest:
+        return methods.EditRequest(
+            prompt=req.prompt, target=req.target, subject=req.subject,
+            paraphrases=list(req.paraphrases), locality_prompts=list(req.locality_prompts),
+        )
+
+    def _replay(self, key: str, req: EditInput) -> Edit | None:
+        with self.db.session() as s:
+            existing = EditRepo(s).by_idempotency_key(key)
+        if existing is None:
+            return None
+        if existing.request_hash != req.request_hash():
+            raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_key_reused")
+        return existing
+
+    def _refuse_no_op(self, req: EditInput) -> None:
+        served = self.answers.score([req.prompt], [req.target], mode="completion")[0]
+        if served.all_correct:
+            raise Unprocessable(
+                "the model already continues this prompt with the target; nothing to edit",
+                code="target_already_holds",
+            )
+
+    def _superseded_by(self, req: EditInput) -> Edit | None:
+        route = self.answers.route([req.prompt])[0]
+        if route.edit_id is None:
+            return None
+        with self.db.session() as s:
+            old = EditRepo(s).get(route.edit_id)
+        if old is None or old.status != "active":
+            return None
+        return old if old.target.strip() != req.target.strip() else None
+
+    def _measure(self, req: EditInput, record, delta: Delta, superseded: Edit | None) -> dict[str, Any]:
+        """Success on the prompt and paraphrases, locality on unrelated prompts, through the served
+        path: the new keys and delta are staged in this process only while measuring."""
+        self.deltas.put(record.edit_id, delta)
+        if superseded is not None:
+            self.selector.remove(superseded.id)
+        self.selector.add(record)
+        try:
+            forms = ["completion"] + (["chat"] if self.lm.has_chat_template else [])
+            success = _mean([
+                s.all_correct and s.edit_id == record.edit_id
+                for mode in forms
+                for s in self.answers.score([req.prompt], [req.target], mode=mode)
+            ])
+            para = None
+            if req.paraphrases:
+                scores = self.answers.score(req.paraphrases, [req.target] * len(req.paraphrases), mode="completion")
+                para = _mean([s.all_correct and s.edit_id == record.edit_id for s in scores])
+            locality = None
+            if req.locality_prompts:
+                routes = self.answers.route(req.locality_prompts)
+                hit = [p for p, r in zip(req.locality_prompts, routes) if r.edit_id == record.edit_id]
+                changed = 0
+                if hit:
+                    base = self.lm.generate(hit, max_new_tokens=8, mode="completion")
+                    new = self.lm.generate(hit, max_new_tokens=8, mode="completion", deltas=[delta])
+                    changed = sum(a.token_ids != b.token_ids for a, b in zip(base, new))
+                locality = 1.0 - changed / len(req.locality_prompts)
+            return {"success": success, "paraphrase_success": para, "locality": locality}
+        finally:
+            self.selector.remove(record.edit_id)
+            self.deltas.drop(record.edit_id)
+            if superseded is not None:
+                self._restore_mirror(superseded.id)
+
+    def _restore_mirror(self, edit_id: str) -> None:
+        stored = self.sync.memory.get(edit_id)
+        if stored is not None:
+            self.selector.add(self.sync.to_record(stored))
+
+    def _commit_new(self, edit: Edit, delta: Delta, record, superseded: Edit | None, actor: str | None) -> None:
+        from app.services.memory_sync import vectors_to_bytes
+
+        stored = self.sync.to_stored(record, self.selector.encoder.name)
+        memory_written = False
+        old_stored = self.sync.memory.get(superseded.id) if superseded else None
+        try:
+            with self.db.transaction() as s:
+                repo, audit = EditRepo(s), AuditRepo(s)
+                repo.add(
+                    edit, delta_kind=delta.kind, delta_bytes=delta.to_bytes(), encoder=stored.encoder,
+                    key_texts=list(record.texts), key_vectors=vectors_to_bytes(record.vectors),
+                )
+                audit.record(actor=actor, action="edit.create", entity_type="edit", entity_id=edit.id,
+                             method=edit.method, target=edit.target)
+                if superseded is not None:
+                    old = repo.get(superseded.id)
+                    repo.set_status(old, "superseded")
+                    audit.record(actor=actor, action="edit.supersede", entity_type="edit", entity_id=old.id,
+                                 superseded_by=edit.id)
+                memory_written = True
+                self.sync.note_local_version(self.sync.memory.put(stored))
+                if superseded is not None:
+                    self.sync.note_local_version(self.sync.memory.delete(superseded.id))
+        except IntegrityError as exc:
+            self._undo_memory(memory_written, edit.id, old_stored)
+            if edit.idempotency_key:
+                raise Conflict("a request with this Idempotency-Key is in progress or done", code="idempotency_conflict") from exc
+            raise
+        except Exception as exc:
+            self._undo_memory(memory_written, edit.id, old_stored)
+            if _is_redis_error(exc):
+                raise Unavailable("the selector memory (Redis) is unavailable; the edit was not stored",
+                                  code="memory_unavailable") from exc
+            if _is_db_error(exc):
+                raise Unavailable("the database is unavailable; the edit was not stored", code="database_unavailable") from exc
+            raise
+        self.deltas.put(edit.id, delta)
+        self.selector.add(record)
+        if superseded is not None:
+            self.selector.remove(superseded.id)
+            self.deltas.drop(superseded.id)
+
+    def _undo_memory(self, written: bool, new_id: str, old_stored) -> None:
+        if not written:
+            return
+        try:
+            self.sync.memory.delete(new_id)
+            if old_stored is not None:
+                self.sync.memory.put(old_stored)
+        except Exception:  # noqa: BLE001 - the periodic check rebuilds from the database
+            log.warning("could not undo the selector memory change; it will be rebuilt from the database")
+
+    # -- revert --------------------------------------------------------------------------------
+    def revert(self, edit_id: str, *, actor: str | None) -> Edit:
+        with self._lock:
+            with self.db.session() as s:
+                edit = EditRepo(s).get(edit_id)
+            if edit is None:
+                raise NotFound(f"no edit {edit_id}", code="edit_not_found")
+            if edit.status == "reverted":
+                return edit
+            was_active = edit.status == "active"
+            reinstated: Edit | None = None
+            try:
+                with self.db.transaction() as s:
+                    repo, audit = EditRepo(s), AuditRepo(s)
+                    row = repo.get(edit_id, with_delta=True)
+                    repo.set_status(row, "reverted")
+                    audit.record(actor=actor, action="edit.revert", entity_type="edit", entity_id=row.id,
+                                 previous_status="active" if was_active else "superseded")
+                    if was_active and row.supersedes_id:
+                        older = repo.get(row.supersedes_id, with_delta=True)
+                        if older is not None and older.status == "superseded":
+                            repo.set_status(older, "active")
+                            audit.record(actor=actor, action="edit.reinstate", entity_type="edit",
+                                         entity_id=older.id, after_revert_of=row.id)
+                            reinstated = older
+                    if was_active:
+                        self.sync.note_local_version(self.sync.memory.delete(row.id))
+                    if reinstated is not None:
+                        from app.selector.memory import StoredKeys
+
+                        keys = reinstated.keys
+                        stored = StoredKeys(reinstated.id, keys.encoder, list(keys.texts), reinstated.subject, keys.vectors)
+                        self.sync.note_local_version(self.sync.memory.put(stored))
+            except Exception as exc:
+                if _is_redis_error(exc):
+                    raise Unavailable("the selector memory (Redis) is unavailable; nothing was reverted",
+                                      code="memory_unavailable") from exc
+                raise
+            self.selector.remove(edit_id)
+            self.deltas.drop(edit_id)
+            if reinstated is not None:
+                self._restore_mirror(reinstated.id)
+            return self.get(edit_id)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(bool(v) for v in values) / len(values) if values else 0.0
+
+
+def _new_id() -> str:
+    from app.store.models import new_id
+
+    return new_id()
+
+
+def _is_redis_error(exc: BaseException) -> bool:
+    try:
+        import redis
+
+        return isinstance(exc, redis.RedisError)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _is_db_error(exc: BaseException) -> bool:
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, OperationalError)

@@ -1,0 +1,132 @@
+"""Keep the in-process selector mirror equal to the shared key memory, and the memory equal to
+the database (the source of truth) when it was lost."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+import numpy as np
+from safetensors.numpy import load as np_load
+from safetensors.numpy import save as np_save
+
+from app.selector.memory import Event, KeyMemory, StoredKeys
+from app.store import Database, EditRepo
+
+log = logging.getLogger(__name__)
+
+
+def vectors_to_bytes(vectors: np.ndarray) -> bytes:
+    return np_save({"keys": np.ascontiguousarray(vectors, dtype=np.float32)})
+
+
+def vectors_from_bytes(data: bytes) -> np.ndarray:
+    return np_load(data)["keys"]
+
+
+class MemorySync:
+    def __init__(self, db: Database, memory: KeyMemory, selector, poll_seconds: float = 2.0):
+        self.db = db
+        self.memory = memory
+        self.selector = selector
+        self.poll_seconds = poll_seconds
+        self._local_version: int | None = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.rebuilds = 0
+
+    # -- conversions ---------------------------------------------------------------------------
+    def to_record(self, stored: StoredKeys):
+        from app.selector.router import KeyRecord
+
+        return KeyRecord(
+            edit_id=stored.edit_id, vectors=vectors_from_bytes(stored.vectors), texts=list(stored.texts),
+            subject=stored.subject,
+        )
+
+    def to_stored(self, record, encoder: str) -> StoredKeys:
+        return StoredKeys(record.edit_id, encoder, list(record.texts), record.subject, vectors_to_bytes(record.vectors))
+
+    # -- start / rebuild -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.ensure()
+        self.memory.subscribe(self._on_event)
+        self._thread = threading.Thread(target=self._poll, name="factpatch-memory-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=3)
+
+    def rebuild_from_database(self) -> int:
+        """Write every active edit's keys from the database into the memory, then reload the mirror."""
+        with self.db.session() as s:
+            stored = [
+                StoredKeys(e.id, e.keys.encoder, list(e.keys.texts), e.subject, e.keys.vectors)
+                for e in EditRepo(s).active_with_keys()
+                if e.keys is not None
+            ]
+        encoder = self.selector.encoder.name
+        stale = [r.edit_id for r in stored if r.encoder != encoder]
+        if stale:
+            log.warning("%d edits were keyed with another encoder; re-embedding them with %s", len(stale), encoder)
+            stored = [self._reembed(r) if r.encoder != encoder else r for r in stored]
+        with self._lock:
+            version = self.memory.replace_all(stored)
+            self._load_mirror(version)
+        self.rebuilds += 1
+        log.info("selector memory rebuilt from the database: %d edits", len(stored))
+        return len(stored)
+
+    def _reembed(self, r: StoredKeys) -> StoredKeys:
+        vecs = self.selector.encoder.encode(list(r.texts))
+        return StoredKeys(r.edit_id, self.selector.encoder.name, r.texts, r.subject, vectors_to_bytes(vecs))
+
+    def ensure(self) -> None:
+        """Rebuild when the memory holds nothing (first start, or Redis lost its data); else load it."""
+        with self._lock:
+            version = self.memory.version()
+            if version is None:
+                self.rebuild_from_database()
+            elif version != self._local_version:
+                self._load_mirror(version)
+
+    def _load_mirror(self, version: int | None) -> None:
+        records = [self.to_record(r) for r in self.memory.all()]
+        self.selector.replace_all(records)
+        self._local_version = version
+
+    # -- changes made here ---------------------------------------------------------------------
+    def note_local_version(self, version: int) -> None:
+        with self._lock:
+            if self._local_version is not None and version == self._local_version + 1:
+                self._local_version = version
+
+    # -- changes made elsewhere ----------------------------------------------------------------
+    def _on_event(self, event: Event) -> None:
+        with self._lock:
+            version = event.get("version")
+            if version is not None and version == self._local_version:
+                return  # our own change
+            op, edit_id = event.get("op"), event.get("edit_id")
+            if op == "add" and edit_id and self._local_version is not None and version == self._local_version + 1:
+                stored = self.memory.get(edit_id)
+                if stored is not None:
+                    self.selector.add(self.to_record(stored))
+                    self._local_version = version
+                    return
+            if op == "remove" and edit_id and self._local_version is not None and version == self._local_version + 1:
+                self.selector.remove(edit_id)
+                self._local_version = version
+                return
+            self._load_mirror(self.memory.version())
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.ensure()
+            except Exception as exc:  # noqa: BLE001 - keep serving from the mirror while Redis is away
+                log.warning("selector memory check failed: %s", type(exc).__name__)
