@@ -1,0 +1,181 @@
+"""``factpatch eval`` and ``factpatch bench``: the commands behind every reported number.
+
+Bad arguments (a missing file, an unknown dataset, n <= 0, a malformed ``--config``) are usage
+errors: a clear message and exit code 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+DEFAULT_RESULTS = Path("results")
+
+
+class DatasetChoice(str, Enum):
+    zsre = "zsre"
+    counterfact = "counterfact"
+
+
+def parse_config(items: list[str] | None) -> dict[str, Any]:
+    """``k=v`` pairs; values are read as JSON when they parse (numbers, booleans, lists), else text."""
+    config: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected key=value, got {item!r}", param_hint="--config")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        config[key.strip()] = value
+    return config
+
+
+def _command_line(name: str) -> list[str]:
+    """The arguments as typed, from the subcommand on (for the report's rerun line)."""
+    argv = sys.argv[1:]
+    return argv[argv.index(name) :] if name in argv else [name, "..."]
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=False)
+
+
+def make_backend(url: str | None, key: str | None, model: str | None):
+    from app.eval.backends import HttpBackend, InProcessBackend
+
+    if url:
+        return HttpBackend(url, key), url
+    return InProcessBackend(model=model), "in-process (TestClient, temporary SQLite home, no Redis)"
+
+
+def eval_command(
+    dataset: DatasetChoice = typer.Option(..., "--dataset", help="Dataset format: zsre (MEND) or counterfact (EasyEdit)."),
+    file: Path = typer.Option(..., "--file", exists=True, dir_okay=False, readable=True, help="Data file."),
+    n: int = typer.Option(200, "--n", min=1, help="Number of cases to edit."),
+    method: str = typer.Option("pnp", "--method", help="Editing method; `none` measures the base model only."),
+    config: Optional[list[str]] = typer.Option(None, "--config", help="Method config entry k=v (repeatable)."),
+    sequential: bool = typer.Option(True, "--sequential/--independent",
+                                    help="Keep all edits active (default) or revert each after measuring it."),
+    seed: int = typer.Option(0, "--seed", help="Seed of sampling and bootstrap intervals."),
+    shuffle: bool = typer.Option(False, "--shuffle", help="Edit a seeded sample instead of the first n records."),
+    curve_every: Optional[int] = typer.Option(None, "--curve-every", min=1, help="Curve point every k edits."),
+    held: int = typer.Option(50, "--held", min=0, help="Largest held set for performance deterioration."),
+    out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Output folder."),
+    url: Optional[str] = typer.Option(None, "--url", help="Drive a running service over HTTP instead of in-process."),
+    key: Optional[str] = typer.Option(None, "--key", envvar="FACTPATCH_EVAL_KEY", help="Admin API key for --url."),
+    model: Optional[str] = typer.Option(None, "--model", help="In-process model (default: FACTPATCH_MODEL)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (in-process)."),
+) -> None:
+    """Edit N cases of a dataset and report reliability, generalization, locality and more."""
+    from rich.console import Console
+
+    from app.eval.datasets import DatasetError, load_dataset
+    from app.eval.report import environment, print_eval, write_eval
+    from app.eval.runner import EvalConfig, Runner
+
+    cfg_dict = parse_config(config)
+    try:
+        ds = load_dataset(dataset.value, file)
+    except DatasetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--file") from None
+    cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
+                     seed=seed, shuffle=shuffle, curve_every=curve_every, held=held)
+    out = out or DEFAULT_RESULTS / f"eval-{dataset.value}-{method}-n{n}-{'seq' if sequential else 'ind'}"
+    console = Console(stderr=True)
+    console.print(f"{ds.name}: {len(ds.cases)} usable records, {ds.skipped} skipped {dict(ds.skip_reasons) or ''}")
+    if n > len(ds.cases):
+        console.print(f"[yellow]only {len(ds.cases)} usable records: editing all of them[/]")
+    _threads(threads)
+    backend, where = make_backend(url, key, model)
+    try:
+        with _progress() as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            result = Runner(backend, cfg, progress).run(ds)
+    finally:
+        backend.close()
+    data = result.as_dict()
+    data["backend"] = where
+    data["env"] = environment(_command_line("eval"))
+    files = write_eval(data, out)
+    print_eval(data, Console())
+    console.print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def bench_command(
+    edits: str = typer.Option("0,100,1000,10000", "--edits", help="Active-edit counts for the /answer comparison."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Repeats per figure (median and spread reported)."),
+    out: Path = typer.Option(DEFAULT_RESULTS / "bench", "--out", file_okay=False, help="Output folder."),
+    prompts: int = typer.Option(8, "--prompts", min=1, help="Prompts per /answer measurement."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Greedy tokens per answer."),
+    keys: str = typer.Option("1000,10000,100000", "--keys", help="Selector memory sizes for lookup timing."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Methods to time per edit (default: all registered)."),
+    edits_per_method: int = typer.Option(3, "--edits-per-method", min=1, help="Edits timed per method."),
+    clients: int = typer.Option(4, "--clients", min=1, help="Concurrent clients in the load run."),
+    requests: int = typer.Option(40, "--requests", min=0, help="Requests in the load run (0 skips it)."),
+    load_seconds: float = typer.Option(120.0, "--load-seconds", min=1.0, help="Time bound of the load run."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model (default: FACTPATCH_MODEL)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    seed: int = typer.Option(0, "--seed", help="Seed of synthetic edits and keys."),
+) -> None:
+    """Speed and scale: /answer vs plain transformers, selector lookup, time per edit, load run."""
+    def ints(text: str, name: str, minimum: int) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+        if not values or min(values) < minimum:
+            raise typer.BadParameter(f"expected integers >= {minimum}, got {text!r}", param_hint=name)
+        return values
+
+    edit_counts, key_counts = ints(edits, "--edits", 0), ints(keys, "--keys", 1)
+    from rich.console import Console
+
+    from app.eval.bench import BenchConfig, run_bench
+    from app.eval.report import environment
+
+    cfg = BenchConfig(
+        edits=edit_counts, repeats=repeats, prompts=prompts, max_new_tokens=max_new_tokens,
+        keys=key_counts, methods=[m for m in (methods or "").split(",") if m] or None,
+        edits_per_method=edits_per_method, clients=clients, requests=requests, load_seconds=load_seconds,
+        model=model, seed=seed,
+    )
+    _threads(threads)
+    console = Console(stderr=True)
+    env = environment(_command_line("bench"))
+    run_bench(cfg, out, env, console)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` and ``bench`` to the main CLI."""
+    app.command("eval")(eval_command)
+    app.command("bench")(bench_command)
+
+
+def standalone() -> typer.Typer:
+    """A CLI with only these two commands (tests, or before the main CLI includes them)."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True)
+    register(app)
+    return app

@@ -1,0 +1,215 @@
+"""Write what a run measured: results.json, report.md, PNG curves, and a rich table.
+
+Every report carries what is needed to rerun and trust it: the command line, git commit (and
+whether the tree was dirty), date, model id, method config and the data file's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+METRIC_COLUMNS: list[tuple[str, str]] = [
+    ("rel_tf", "reliability (TF)"),
+    ("rel_em", "reliability (greedy EM)"),
+    ("gen_tf", "generalization (TF)"),
+    ("gen_em", "generalization (greedy EM)"),
+    ("loc_tf", "locality (TF)"),
+    ("loc_em", "locality (greedy EM)"),
+]
+CURVE_SERIES: list[tuple[str, str]] = [
+    ("rel_tf", "reliability (TF)"),
+    ("gen_tf", "generalization (TF)"),
+    ("loc_tf", "locality (TF)"),
+    ("rel_all_correct", "reliability (all tokens)"),
+    ("held_accuracy", "held-set accuracy"),
+]
+
+
+def git_info(cwd: Path | None = None) -> dict[str, Any]:
+    cwd = cwd or Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                                   check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "command": "factpatch " + shlex.join(list(argv if argv is not None else sys.argv[1:])),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git": git_info(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def stat_cell(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "n"] + [label for _, label in METRIC_COLUMNS] + ["held acc", "perf. deterioration", "F/U"]
+    rows = []
+    for row in results["rows"]:
+        rows.append([row["name"], str(row["n"])] + [stat_cell(row.get(k)) for k, _ in METRIC_COLUMNS]
+                    + [_num(row.get("held_accuracy")), _num(row.get("performance_deterioration")), _num(row.get("fu_ratio"))])
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
+    cfg, env, ds = results["config"], results["env"], results["dataset"]
+    header, rows = table_rows(results)
+    mode = "sequential (all edits kept active; measured after the last edit)" if cfg["sequential"] else \
+        "independent (each edit alone, reverted after its measurement)"
+    t = results["timing"]
+    parts = [
+        f"# factpatch eval: {cfg['method']} on {ds['name']} ({ds['edited']} edits)",
+        "",
+        f"Command: `{env['command']}`",
+        "",
+        markdown_table(header, rows),
+        "",
+        "Means with 95% bootstrap intervals. TF: teacher-forced token accuracy of the target as the "
+        "prompt's continuation (as EasyEdit reports). Greedy EM: the greedy generation begins with the "
+        "whole target. Locality compares each unrelated prompt's output after the edits with its output "
+        "before any edit (TF: per-token agreement on the pre-edit greedy continuation; EM: the first "
+        f"{cfg['locality_tokens']} greedy tokens are identical). The edit request carries only prompt, "
+        "target and subject: paraphrases and locality prompts are never shown to the method.",
+        "",
+        "## Settings",
+        f"- mode: {mode}; prompt form: {cfg['mode']}",
+        f"- dataset: {ds['name']}, `{ds['file']}`, sha256 `{ds['sha256']}`",
+        f"- records: {ds['records']}, usable {ds['usable']}, skipped {ds['skipped']} {ds['skip_reasons'] or ''}",
+        f"- edited: {ds['edited']} ({'seeded sample, seed ' + str(cfg['seed']) if cfg['shuffle'] else 'first records in file order'})",
+        f"- model: `{results['model_id']}`; backend: {results.get('backend', 'n/a')}",
+        f"- method: `{cfg['method']}`, config `{json.dumps(cfg['config'], sort_keys=True)}`",
+        f"- git commit: `{env['git']['commit']}`{' (uncommitted changes)' if env['git'].get('dirty') else ''}",
+        f"- date (UTC): {env['date']}; python {env['python']}, torch {env.get('torch', '?')}, "
+        f"{env.get('threads', '?')} threads",
+        f"- held set: {results['held'].get('size', 0)} questions the base model answers exactly "
+        f"(from {results['held'].get('pool', 0)} unedited records, base accuracy there "
+        f"{_num(results['held'].get('base_pool_accuracy'))})",
+        "",
+        "## Time",
+        f"- per edit (client round trip): p50 {_num(t['edit_wall_ms']['p50'], 0)} ms, "
+        f"p95 {_num(t['edit_wall_ms']['p95'], 0)} ms; method fit: p50 {_num(t['edit_fit_ms']['p50'], 0)} ms, "
+        f"p95 {_num(t['edit_fit_ms']['p95'], 0)} ms",
+        f"- answer latency before edits: p50 {_num(t['answer_ms_base']['p50'], 1)} ms, "
+        f"p95 {_num(t['answer_ms_base']['p95'], 1)} ms; after: p50 {_num(t['answer_ms_edited']['p50'], 1)} ms, "
+        f"p95 {_num(t['answer_ms_edited']['p95'], 1)} ms",
+        f"- whole run: {results['elapsed_s']:.0f} s",
+    ]
+    if results.get("fu"):
+        fu = results["fu"]
+        parts += ["", "## Forgetting", f"- F/U ratio {_num(fu['ratio'])}: {fu['forgotten']} forgotten of "
+                  f"{fu['updated']} edits that held right after they were applied."]
+    if results.get("routing"):
+        r = results["routing"]
+        parts += ["", "## Selector routing",
+                  "| | routed to its edit | routed to another edit | base model |", "|---|---|---|---|",
+                  f"| in scope (prompt, paraphrase) | {r['in_correct']} | {r['in_wrong_edit']} | {r['in_missed']} |",
+                  f"| out of scope (locality, held) | - | {r['out_routed']} | {r['out_rejected']} |",
+                  "", f"recall {_num(r['recall'])}, precision {_num(r['precision'])}, "
+                  f"false-positive rate {_num(r['false_positive_rate'])}, accuracy {_num(r['accuracy'])}"]
+    if plot:
+        parts += ["", "## Curves", f"![curves]({plot})"]
+    return "\n".join(parts) + "\n"
+
+
+def plot_curves(curves: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Metric vs number of edits so far; False when there is nothing to draw."""
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    xs = [p["edits"] for p in curves]
+    for key, label in CURVE_SERIES:
+        ys = [p.get(key) for p in curves]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+    ax.set_xlabel("edits applied (all kept active)")
+    ax.set_ylabel("score on the cases edited so far")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+
+def write_eval(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "results.json", "md": out / "report.md"}
+    png = out / "curves.png"
+    title = f"{results['config']['method']} on {results['dataset']['name']} ({results['model_id']})"
+    if plot_curves(results.get("curves") or [], png, title):
+        files["png"] = png
+    write_json(results, files["json"])
+    files["md"].write_text(eval_markdown(results, png.name if "png" in files else None), encoding="utf-8")
+    return files
+
+
+def rich_table(header: list[str], rows: list[list[str]], title: str):
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
+def print_eval(results: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
+    header, rows = table_rows(results)
+    console.print(rich_table(header, rows, f"{results['config']['method']} on {results['dataset']['name']}"))
