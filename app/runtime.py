@@ -47,9 +47,10 @@ class Runtime:
         if lm is None:
             lm = LM.load(settings.model, settings.home, settings.device, settings.dtype)
         if selector is None:
-            from app.selector.router import build_selector
+            from app.selector.router import DEFAULT_ENCODER, build_selector
 
-            selector = build_selector(lm, settings.selector_encoder, settings.selector_threshold)
+            encoder = DEFAULT_ENCODER if settings.selector_encoder == "auto" else settings.selector_encoder
+            selector = build_selector(lm, encoder, settings.selector_threshold)
         memory = build_memory(settings.redis_url, settings.redis_prefix)
         sync = MemorySync(db, memory, selector)
         deltas = DeltaCache(db, lm)

@@ -13,7 +13,7 @@ PG_URL = os.environ.get("FACTPATCH_TEST_DATABASE_URL", "postgresql+psycopg://pos
 REDIS_URL = os.environ.get("FACTPATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN = uuid.uuid4().hex[:8]
 
-ADMIN, EDITOR, READER = "fp_test_admin_" + RUN, "fp_test_editor_" + RUN, "fp_test_reader_" + RUN
+ADMIN, EDITOR, READER = "fp_test_admin_key", "fp_test_editor_key", "fp_test_reader_key"
 
 
 def auth(key: str) -> dict[str, str]:
@@ -111,8 +111,9 @@ def service(tmp_path, pg_url, schema, redis_url, redis_prefix, tiny_llama):
     clients = []
 
     def make(lm=None, *, fresh_runtime: bool = True, **extra):
-        settings = make_settings(tmp_path, pg_url=pg_url, schema=schema, redis_url=redis_url,
-                                 redis_prefix=redis_prefix, **extra)
+        opts = dict(pg_url=pg_url, schema=schema, redis_url=redis_url, redis_prefix=redis_prefix)
+        opts.update(extra)
+        settings = make_settings(tmp_path, **opts)
         rt = Runtime.build(settings, lm=lm or tiny_llama)
         client = TestClient(create_app(runtime=rt))
         client.__enter__()

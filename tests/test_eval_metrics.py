@@ -260,6 +260,28 @@ def test_sequential_run_detects_locality_damage(tmp_path):
     assert res.routing["out_routed"] == 4
 
 
+def test_refused_edit_is_recorded_and_run_goes_on(tmp_path):
+    from app.eval.backends import BackendError
+
+    cases = _cases(3)
+    stub = StubService(_facts(cases))
+    real_edit = stub.edit
+
+    def edit(case, method, config=None):
+        if case.case_id == "1":
+            raise BackendError(422, "target_already_holds", "nothing to edit")
+        return real_edit(case, method, config)
+
+    stub.edit = edit
+    res = _run(tmp_path, cases, stub, n=3)
+    assert res.extra["edit_errors"] == {"target_already_holds": 1}
+    assert [c["edit_id"] for c in res.cases] == ["e0", None, "e1"]
+    assert res.routing["in_correct"] == 4  # the refused case counts in no routing cell
+    stub.edit = lambda case, method, config=None: (_ for _ in ()).throw(BackendError(422, "unknown_method", "x"))
+    with pytest.raises(BackendError):
+        _run(tmp_path, cases, stub, n=1)
+
+
 def test_base_only_run_has_one_row(tmp_path):
     cases = _cases(4)
     stub = StubService(_facts(cases))

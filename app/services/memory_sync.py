@@ -51,7 +51,11 @@ class MemorySync:
 
     # -- start / rebuild -----------------------------------------------------------------------
     def start(self) -> None:
-        self.ensure()
+        try:
+            self.ensure()
+        except Exception as exc:  # noqa: BLE001 - serve from the database until the memory is back
+            log.warning("selector memory unavailable at start (%s); routing from the database", type(exc).__name__)
+            self.load_mirror_from_database()
         self.memory.subscribe(self._on_event)
         self._thread = threading.Thread(target=self._poll, name="factpatch-memory-sync", daemon=True)
         self._thread.start()
@@ -80,6 +84,18 @@ class MemorySync:
         self.rebuilds += 1
         log.info("selector memory rebuilt from the database: %d edits", len(stored))
         return len(stored)
+
+    def load_mirror_from_database(self) -> None:
+        """Fill the in-process mirror straight from the database (the shared memory is unreachable)."""
+        with self.db.session() as s:
+            records = [
+                self.to_record(StoredKeys(e.id, e.keys.encoder, list(e.keys.texts), e.subject, e.keys.vectors))
+                for e in EditRepo(s).active_with_keys()
+                if e.keys is not None
+            ]
+        with self._lock:
+            self.selector.replace_all(records)
+            self._local_version = None
 
     def _reembed(self, r: StoredKeys) -> StoredKeys:
         vecs = self.selector.encoder.encode(list(r.texts))
