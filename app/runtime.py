@@ -10,8 +10,10 @@ from pathlib import Path
 from app.lm.engine import LM
 from app.selector.memory import KeyMemory, build_memory
 from app.services.answers import AnswerService
+from app.services.calibrations import CalibrationService, DetectService
 from app.services.deltas import DeltaCache
 from app.services.edits import EditService
+from app.services.jobs import JobRunner
 from app.services.keys import KeyService
 from app.services.memory_sync import MemorySync
 from app.settings import Settings
@@ -32,12 +34,16 @@ class Runtime:
     keys: KeyService
     answers: AnswerService
     edits: EditService
+    jobs: JobRunner
+    calibrations: CalibrationService
+    detect: DetectService
     admin_key_file: Path | None = None
     started_at: float = field(default_factory=time.time)
     extras: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, settings: Settings, *, lm: LM | None = None, selector=None, migrate: bool = True) -> "Runtime":
+    def build(cls, settings: Settings, *, lm: LM | None = None, selector=None, migrate: bool = True,
+              start_jobs: bool = True) -> "Runtime":
         settings.home.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url(), settings.database_schema)
         if migrate:
@@ -56,8 +62,14 @@ class Runtime:
         deltas = DeltaCache(db, lm)
         answers = AnswerService(lm, selector, deltas)
         edits = EditService(db, lm, selector, sync, deltas, answers)
-        rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, admin_key_file)
+        jobs = JobRunner(db)
+        calibrations = CalibrationService(db, lm, jobs)
+        rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, jobs, calibrations,
+                 DetectService(lm), admin_key_file)
         sync.start()
+        calibrations.start()
+        if start_jobs:
+            jobs.start()
         for hook in _START_HOOKS:
             hook(rt)
         return rt
@@ -68,6 +80,8 @@ class Runtime:
                 hook(self)
             except Exception:  # noqa: BLE001
                 log.exception("shutdown hook failed")
+        self.jobs.stop()
+        self.calibrations.stop()
         self.sync.stop()
         self.memory.close()
         self.db.dispose()

@@ -155,3 +155,80 @@ class HealthOut(BaseModel):
     redis: dict[str, Any]
     edits_active: int | None = None
     selector_keys: int | None = None
+
+
+MAX_FACTS_PER_REQUEST = 1000
+
+
+class FactIn(Strict):
+    subject: str = Field(max_length=200, description="Subject, filled into [X].")
+    object: str = Field(max_length=200, description="Object, filled into [Y].")
+    relation: str | None = Field(default=None, max_length=64, description="LAMA relation id (P36, ...).")
+    template: str | None = Field(default=None, max_length=500, description="Explicit template with [X] and [Y].")
+    negatives: list[str] = Field(default_factory=list, max_length=10, description="False-relation templates.")
+
+    def to_fact(self):
+        from app.knowledge import Fact
+
+        return Fact(subject=self.subject, object=self.object, relation=self.relation, template=self.template,
+                    negatives=tuple(self.negatives))
+
+
+class DetectIn(Strict):
+    facts: list[FactIn] = Field(min_length=1, max_length=MAX_FACTS_PER_REQUEST)
+    threshold: float | None = Field(default=None, gt=0.0, le=1000.0, description="CKA below this is judged false.")
+
+
+class DetectOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cka: float
+    p_object: float
+    p_object_negative: float
+    verdict: Literal["true", "false"]
+
+
+class DetectBatchOut(BaseModel):
+    results: list[DetectOut]
+
+
+class CalibrationIn(Strict):
+    facts: list[FactIn] = Field(min_length=1, max_length=MAX_FACTS_PER_REQUEST)
+    config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str
+    progress: dict[str, Any]
+    error: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, j) -> "JobOut":
+        return cls(id=j.id, status=j.status, progress=j.progress or {}, error=j.error, attempts=j.attempts,
+                   created_at=j.created_at, started_at=j.started_at, finished_at=j.finished_at)
+
+
+class CalibrationOut(BaseModel):
+    id: str
+    status: str
+    n_facts: int
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    job: JobOut | None
+
+    @classmethod
+    def of(cls, c, job=None) -> "CalibrationOut":
+        return cls(id=c.id, status=c.status, n_facts=len(c.facts or []), config=c.config or {},
+                   metrics=c.metrics or {}, created_at=c.created_at, updated_at=c.updated_at,
+                   job=JobOut.of(job) if job is not None else None)
+
+
+class CalibrationList(BaseModel):
+    items: list[CalibrationOut]
+    next_cursor: str | None

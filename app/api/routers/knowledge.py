@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
+
+from app.api import deps
+from app.api.schemas import CalibrationIn, CalibrationList, CalibrationOut, DetectBatchOut, DetectIn, JobOut
+from app.errors import NotFound
+from app.runtime import Runtime
+from app.services.keys import Principal
+from app.store import JobRepo
+
+router = APIRouter(tags=["knowledge"])
+
+
+@router.post("/detect", response_model=DetectBatchOut, summary="Judge facts true or false by CKA")
+async def detect(body: DetectIn, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> DetectBatchOut:
+    results = await run_in_threadpool(rt.detect.detect, [f.to_fact() for f in body.facts], body.threshold)
+    return DetectBatchOut(results=results)
+
+
+@router.post("/calibrations", response_model=CalibrationOut, status_code=202,
+             summary="Calibrate a batch of facts with CaliNet slots (a job)")
+async def create_calibration(
+    body: CalibrationIn, rt: Runtime = Depends(deps.runtime), who: Principal = Depends(deps.editor)
+) -> CalibrationOut:
+    cal, job = await run_in_threadpool(
+        rt.calibrations.create, [f.to_fact() for f in body.facts], body.config, actor=who.key_id
+    )
+    return CalibrationOut.of(cal, job)
+
+
+@router.get("/calibrations/{cal_id}", response_model=CalibrationOut, summary="One calibration and its job")
+async def get_calibration(cal_id: str, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> CalibrationOut:
+    cal, job = await run_in_threadpool(rt.calibrations.get, cal_id)
+    return CalibrationOut.of(cal, job)
+
+
+@router.get("/calibrations", response_model=CalibrationList, summary="Calibrations, newest first")
+async def list_calibrations(
+    status: Literal["queued", "running", "active", "failed", "reverted"] | None = None,
+    limit: int = Query(default=50, ge=1, le=500),
+    cursor: str | None = Query(default=None, max_length=200),
+    rt: Runtime = Depends(deps.runtime),
+    _=Depends(deps.reader),
+) -> CalibrationList:
+    items, nxt = await run_in_threadpool(rt.calibrations.list, status=status, limit=limit, cursor=cursor)
+    return CalibrationList(items=[CalibrationOut.of(c) for c in items], next_cursor=nxt)
+
+
+@router.post("/admin/calibrations/{cal_id}/revert", response_model=CalibrationOut, summary="Turn a calibration off (admin)")
+async def revert_calibration(
+    cal_id: str, rt: Runtime = Depends(deps.runtime), who: Principal = Depends(deps.admin)
+) -> CalibrationOut:
+    cal = await run_in_threadpool(rt.calibrations.revert, cal_id, actor=who.key_id)
+    return CalibrationOut.of(cal)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="A background job's status and progress")
+async def get_job(job_id: str, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> JobOut:
+    def load():
+        with rt.db.session() as s:
+            job = JobRepo(s).get(job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}", code="job_not_found")
+            return job
+
+    return JobOut.of(await run_in_threadpool(load))
