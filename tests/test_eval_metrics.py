@@ -82,6 +82,9 @@ def test_locality_token_agreement_uses_positions_known_before():
     # Without per-token flags: the post-edit accuracy on the pre-edit continuation.
     assert M.locality_token_agreement(None, None, 0.5) == 0.5
     assert M.locality_token_agreement([False], [True], 0.4) == 0.4
+    # Pre-edit accuracy on its own (re-tokenised) output below 1: relative, capped at 1.
+    assert M.locality_token_agreement(None, None, 0.9, 0.9) == 1.0
+    assert M.locality_token_agreement(None, None, 0.45, 0.9) == pytest.approx(0.5)
 
 
 def test_performance_deterioration():

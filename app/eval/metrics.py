@@ -118,20 +118,23 @@ def generation_agrees(before: str, after: str) -> bool:
 
 
 def locality_token_agreement(before_correct: Sequence[bool] | None, after_correct: Sequence[bool] | None,
-                             after_accuracy: float) -> float:
+                             after_accuracy: float, before_accuracy: float | None = None) -> float:
     """Teacher-forced locality on the pre-edit greedy continuation of an unrelated prompt.
 
     The reference tokens are the pre-edit model's own greedy output, so at every position where
     the pre-edit argmax is that token, "post-edit argmax is still that token" is the agreement
     EasyEdit reports. With per-token flags both ways the positions are restricted to those the
-    pre-edit model reproduces (normally all); without them the post-edit accuracy is used.
+    pre-edit model reproduces (normally all). Without them, the post-edit accuracy on the
+    reference relative to the pre-edit one (capped at 1): the service returns answers stripped,
+    so re-tokenising one can cost a token ("'s" read back as " 's").
     """
-    if before_correct is None or after_correct is None or len(before_correct) != len(after_correct):
-        return after_accuracy
-    kept = [a for b, a in zip(before_correct, after_correct) if b]
-    if not kept:
-        return after_accuracy
-    return sum(kept) / len(kept)
+    if before_correct is not None and after_correct is not None and len(before_correct) == len(after_correct):
+        kept = [a for b, a in zip(before_correct, after_correct) if b]
+        if kept:
+            return sum(kept) / len(kept)
+    if before_accuracy:
+        return min(1.0, after_accuracy / before_accuracy)
+    return after_accuracy
 
 
 def performance_deterioration(acc_base: float | None, acc_edited: float | None) -> float | None:

@@ -15,6 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+SHORT_LABELS = {"reliability (TF)": "rel TF", "reliability (greedy EM)": "rel EM", "generalization (TF)": "gen TF",
+                "generalization (greedy EM)": "gen EM", "locality (TF)": "loc TF", "locality (greedy EM)": "loc EM",
+                "perf. deterioration": "PD", "held acc": "held"}
 METRIC_COLUMNS: list[tuple[str, str]] = [
     ("rel_tf", "reliability (TF)"),
     ("rel_em", "reliability (greedy EM)"),
@@ -120,6 +123,8 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         f"- edited: {ds['edited']} ({'seeded sample, seed ' + str(cfg['seed']) if cfg['shuffle'] else 'first records in file order'})",
         f"- model: `{results['model_id']}`; backend: {results.get('backend', 'n/a')}",
         f"- method: `{cfg['method']}`, config `{json.dumps(cfg['config'], sort_keys=True)}`",
+        f"- edits refused or failed by the service: {results.get('extra', {}).get('edit_errors') or 'none'} "
+        "(such cases are still measured; they count in no routing cell)",
         f"- git commit: `{env['git']['commit']}`{' (uncommitted changes)' if env['git'].get('dirty') else ''}",
         f"- date (UTC): {env['date']}; python {env['python']}, torch {env.get('torch', '?')}, "
         f"{env.get('threads', '?')} threads",
@@ -131,8 +136,9 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         f"- per edit (client round trip): p50 {_num(t['edit_wall_ms']['p50'], 0)} ms, "
         f"p95 {_num(t['edit_wall_ms']['p95'], 0)} ms; method fit: p50 {_num(t['edit_fit_ms']['p50'], 0)} ms, "
         f"p95 {_num(t['edit_fit_ms']['p95'], 0)} ms",
-        f"- answer latency before edits: p50 {_num(t['answer_ms_base']['p50'], 1)} ms, "
-        f"p95 {_num(t['answer_ms_base']['p95'], 1)} ms; after: p50 {_num(t['answer_ms_edited']['p50'], 1)} ms, "
+        f"- single-query answer latency ({cfg.get('latency_probe', 0)} unrelated prompts, "
+        f"{cfg['locality_tokens']} tokens, client side): before edits p50 {_num(t['answer_ms_base']['p50'], 1)} ms, "
+        f"p95 {_num(t['answer_ms_base']['p95'], 1)} ms; after all edits p50 {_num(t['answer_ms_edited']['p50'], 1)} ms, "
         f"p95 {_num(t['answer_ms_edited']['p95'], 1)} ms",
         f"- whole run: {results['elapsed_s']:.0f} s",
     ]
@@ -212,4 +218,141 @@ def print_eval(results: dict[str, Any], console=None) -> None:
 
     console = console or Console()
     header, rows = table_rows(results)
-    console.print(rich_table(header, rows, f"{results['config']['method']} on {results['dataset']['name']}"))
+    header = [SHORT_LABELS.get(h, h) for h in header]
+    console.print(rich_table(header, rows, f"{results['config']['method']} on {results['dataset']['name']} "
+                                           "(mean [95% CI]; TF teacher-forced, EM greedy exact match)"))
+
+
+# -- bench ----------------------------------------------------------------------------------------------
+def _med(s: dict[str, Any] | None, digits: int = 1) -> str:
+    """A median with its min..max spread."""
+    if not s or s.get("median") is None:
+        return "n/a"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}..{s['max']:.{digits}f})"
+
+
+def bench_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    tables = []
+    ans = results.get("answer") or {}
+    if ans.get("points"):
+        rows = []
+        for p in ans["points"]:
+            if "skipped" in p:
+                rows.append([str(p["edits"]), p["skipped"], "", "", "", ""])
+                continue
+            rows.append([str(p["edits"]), _med(p["served_ms"]), _med(p["plain_ms"]), _med(p["ratio"], 3),
+                         _med(p["served_rps"], 2), _num(p["same_text"], 2)])
+        tables.append(("/answer vs plain transformers generate (per query)",
+                       ["active edits", "served ms", "plain ms", "ratio", "served req/s", "same text"], rows))
+    sel = results.get("selector") or {}
+    if sel.get("points"):
+        rows = [[p["rule"], str(p["keys"]), str(p["edits"]), _med(p["lookup_ms"], 3), _num(p["lookup_p95_ms"], 3),
+                 _num(p["build_ms"], 0)] for p in sel["points"]]
+        tables.append((f"selector lookup after embedding (encode: {_med(sel.get('encode_ms'), 2)} ms per query)",
+                       ["rule", "keys", "edits", "lookup ms", "p95 ms", "build ms"], rows))
+    if results.get("edits"):
+        rows = [[m, _med(v["edit_wall_ms"], 0), _med(v["fit_ms"], 0), str(len(v["errors"])) +
+                 (f" ({v['errors'][0][:60]})" if v["errors"] else "")] for m, v in results["edits"].items()]
+        tables.append(("time per edit", ["method", "POST /edits ms", "fit ms", "errors"], rows))
+    load = results.get("load") or {}
+    if load.get("summary"):
+        s = load["summary"]
+        tables.append((f"load run: {load['clients']} clients, {load['requests']} requests per run, "
+                       f"bound {load['seconds_bound']:.0f} s",
+                       ["p50 ms", "p95 ms", "p99 ms", "req/s", "errors"],
+                       [[_med(s["p50"]), _med(s["p95"]), _med(s["p99"]), _med(s["rps"], 2), str(load["errors_total"])]]))
+    return tables
+
+
+def bench_markdown(results: dict[str, Any], plot: str | None) -> str:
+    env, cfg = results["env"], results["config"]
+    parts = [f"# factpatch bench ({results.get('model_id', '?')})", "", f"Command: `{env['command']}`", "",
+             "Each figure: median over repeats (min..max in brackets)."]
+    for title, header, rows in bench_tables(results):
+        parts += ["", f"## {title}", "", markdown_table(header, rows)]
+    notes = []
+    ans = results.get("answer") or {}
+    if ans.get("synthetic"):
+        notes.append(f"- synthetic active edits: {ans['synthetic']}; prompts route to none of them")
+    for section in ("selector", "answer", "load"):
+        skipped = (results.get(section) or {}).get("skipped")
+        if skipped:
+            notes.append(f"- {section}: skipped ({skipped})")
+    load = results.get("load") or {}
+    parts += ["", "## Settings",
+              f"- model: `{results.get('model_id')}`; {cfg['repeats']} repeats; {cfg['max_new_tokens']} greedy "
+              f"tokens per answer; {cfg['prompts']} prompts",
+              f"- peak memory (this process): {_num(results.get('peak_rss_mib'), 0)} MiB; server of the load run: "
+              f"{_num(load.get('server_peak_rss_mib'), 0)} MiB",
+              f"- git commit: `{env['git']['commit']}`{' (uncommitted changes)' if env['git'].get('dirty') else ''}",
+              f"- date (UTC): {env['date']}; python {env['python']}, torch {env.get('torch', '?')}, "
+              f"{env.get('threads', '?')} threads; {env['platform']}",
+              f"- whole run: {results.get('elapsed_s', 0):.0f} s", *notes]
+    if plot:
+        parts += ["", f"![bench]({plot})"]
+    return "\n".join(parts) + "\n"
+
+
+def plot_bench(results: dict[str, Any], path: Path) -> bool:
+    ans = [p for p in (results.get("answer") or {}).get("points", []) if "skipped" not in p]
+    sel = (results.get("selector") or {}).get("points", [])
+    if not ans and not sel:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+
+    def errbar(ax, xs, stats, label):
+        med = [s["median"] for s in stats]
+        lo = [m - s["min"] for m, s in zip(med, stats)]
+        hi = [s["max"] - m for m, s in zip(med, stats)]
+        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+
+    ax = axes[0]
+    if ans:
+        xs = [max(p["edits"], 1) for p in ans]
+        errbar(ax, xs, [p["served_ms"] for p in ans], "served GET /answer")
+        errbar(ax, xs, [p["plain_ms"] for p in ans], "plain transformers generate")
+        ax.set_xscale("log")
+        ax.set_xlabel("active edits (0 drawn at 1)")
+        ax.set_ylabel("ms per query")
+        ax.set_title("answer latency")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes[1]
+    for rule in sorted({p["rule"] for p in sel}):
+        pts = [p for p in sel if p["rule"] == rule]
+        errbar(ax, [p["keys"] for p in pts], [p["lookup_ms"] for p in pts], f"rule: {rule}")
+    if sel:
+        ax.set_xscale("log")
+        ax.set_xlabel("selector keys")
+        ax.set_ylabel("ms per lookup (after embedding)")
+        ax.set_title("selector lookup")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_bench(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "results.json", "md": out / "report.md"}
+    png = out / "bench.png"
+    if plot_bench(results, png):
+        files["png"] = png
+    write_json(results, files["json"])
+    files["md"].write_text(bench_markdown(results, png.name if "png" in files else None), encoding="utf-8")
+    return files
+
+
+def print_bench(results: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
+    for title, header, rows in bench_tables(results):
+        console.print(rich_table(header, rows, title))

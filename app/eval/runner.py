@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, Field
 
 from app.eval import metrics as M
-from app.eval.backends import AnswerOutcome, Backend, Mode, ScoreOutcome
+from app.eval.backends import AnswerOutcome, Backend, BackendError, Mode, ScoreOutcome
 from app.eval.datasets import Dataset, EditCase, load_dataset, select
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
@@ -48,6 +48,7 @@ class EvalConfig(BaseModel):
     locality_tokens: int = Field(default=8, ge=1, description="Greedy tokens compared for locality exact match.")
     max_answer_tokens: int = Field(default=48, ge=1, description="Cap on greedy tokens generated per target.")
     n_boot: int = Field(default=2000, ge=100, description="Bootstrap resamples per interval.")
+    latency_probe: int = Field(default=5, ge=0, description="Single-query answers timed before and after the edits.")
 
     def curve_step(self) -> int:
         return self.curve_every or max(1, self.n // 10)
@@ -77,6 +78,7 @@ class CaseResult:
     routed_locality: str | None = None
     edit_ms: float | None = None
     fit_ms: float | None = None
+    edit_error: str | None = None  # the service refused or failed the edit (its error code)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Reference:
 
     text: str
     correct: list[bool] | None
+    accuracy: float | None = None  # the pre-edit model's own teacher-forced accuracy on ``text``
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Runner:
         self.cfg = cfg
         self.mode: Mode = cfg.mode
         self.progress = progress or (lambda stage, done, total: None)
-        self.answer_latencies: list[float] = []
+        self.batch_latencies: list[float] = []  # per query, amortised over a batch
 
     # -- backend helpers ---------------------------------------------------------------------------
     def _score(self, pairs: Sequence[tuple[str, str]]) -> list[ScoreOutcome]:
@@ -136,8 +139,17 @@ class Runner:
             per_query = (time.perf_counter() - t0) * 1000.0 / len(idx)
             for i, r in zip(idx, res):
                 out[i] = r
-                self.answer_latencies.append(r.latency_ms if r.latency_ms is not None else per_query)
+            self.batch_latencies.append(per_query)
         return out  # type: ignore[return-value]
+
+    def probe_latency(self, queries: Sequence[str]) -> list[float]:
+        """Client-side latency of single-query answers (one request each), in milliseconds."""
+        times = []
+        for q in queries[: self.cfg.latency_probe]:
+            t0 = time.perf_counter()
+            self.b.answer([q], self.mode, self.cfg.locality_tokens)
+            times.append((time.perf_counter() - t0) * 1000.0)
+        return times
 
     # -- measurement of a set of cases in the current state ----------------------------------------
     def measure_tf(self, cases: Sequence[EditCase], refs: dict[str, Reference]) -> dict[str, list]:
@@ -157,7 +169,7 @@ class Runner:
             out[kind + "_s"][i] = r
             if kind == "loc":
                 ref = refs[cases[i].case_id]
-                out[kind][i] = M.locality_token_agreement(ref.correct, r.correct, r.token_accuracy)
+                out[kind][i] = M.locality_token_agreement(ref.correct, r.correct, r.token_accuracy, ref.accuracy)
             else:
                 out[kind][i] = r.token_accuracy
         return out
@@ -184,7 +196,7 @@ class Runner:
         refs = {c.case_id: Reference(a.answer, None) for c, a in zip(cases, loc_answers) if a is not None}
         todo = [c for c in cases if c.case_id in refs and refs[c.case_id].text.strip()]
         for c, s in zip(todo, self._score([(c.locality_prompt, refs[c.case_id].text) for c in todo])):
-            refs[c.case_id].correct = s.correct
+            refs[c.case_id].correct, refs[c.case_id].accuracy = s.correct, s.token_accuracy
         return refs
 
     def fill(self, results: list[CaseResult], cases: Sequence[EditCase], tf: dict[str, list],
@@ -247,7 +259,9 @@ class Runner:
         base_tf = self.measure_tf(cases, refs)
         self.fill(base_results, cases, base_tf, base_greedy, refs)
         held, held_info = self.build_held(rest, cases)
-        base_latency = M.latency_summary(self.answer_latencies)
+        probe = [c.locality_prompt or c.prompt for c in cases]
+        base_single = self.probe_latency(probe)
+        base_batch = M.latency_summary(self.batch_latencies)
         self.progress("base model", 1, 1)
         rows = [self.row("base (no edits)", base_results, held_accuracy=1.0 if held else None,
                          performance_deterioration=0.0 if held else None, fu_ratio=None)]
@@ -255,7 +269,7 @@ class Runner:
         curves: list[dict[str, Any]] = []
         fu = routing = None
         results: list[CaseResult] = []
-        self.answer_latencies = []
+        self.batch_latencies = []
         if cfg.method != BASE_METHOD:
             if cfg.sequential:
                 results, curves, fu, routing, held_acc = self._sequential(cases, refs, held)
@@ -265,13 +279,20 @@ class Runner:
             pd = M.performance_deterioration(1.0 if held else None, held_acc)
             rows.append(self.row(cfg.method, results, held_accuracy=held_acc, performance_deterioration=pd,
                                  fu_ratio=fu["ratio"] if fu else None))
+        edited_single = self.probe_latency(probe) if cfg.method != BASE_METHOD and cfg.sequential else []
         timing = {
             "edit_wall_ms": M.latency_summary([r.edit_ms for r in results if r.edit_ms is not None]),
             "edit_fit_ms": M.latency_summary([r.fit_ms for r in results if r.fit_ms is not None]),
-            "answer_ms_base": base_latency,
-            "answer_ms_edited": M.latency_summary(self.answer_latencies),
+            "answer_ms_base": M.latency_summary(base_single),
+            "answer_ms_edited": M.latency_summary(edited_single),
+            "answer_batch_ms_per_query_base": base_batch,
+            "answer_batch_ms_per_query_edited": M.latency_summary(self.batch_latencies),
         }
         held_info.update(case_ids=[c.case_id for c in held])
+        errors: dict[str, int] = {}
+        for r in results:
+            if r.edit_error:
+                errors[r.edit_error] = errors.get(r.edit_error, 0) + 1
         return EvalResult(
             config=cfg.model_dump(mode="json"),
             dataset={"name": ds.name, "file": str(ds.path), "sha256": ds.sha256, "records": ds.total,
@@ -279,12 +300,22 @@ class Runner:
                      "edited": len(cases)},
             model_id=model_id, rows=rows, curves=curves, fu=fu, routing=routing, timing=timing, held=held_info,
             cases=[asdict(r) for r in results], base_cases=[asdict(r) for r in base_results],
-            elapsed_s=time.perf_counter() - t_start,
+            elapsed_s=time.perf_counter() - t_start, extra={"edit_errors": errors},
         )
 
-    def _edit(self, case: EditCase, result: CaseResult) -> None:
-        out = self.b.edit(case, self.cfg.method, self.cfg.config)
+    def _edit(self, case: EditCase, result: CaseResult) -> bool:
+        """Apply one edit; a refusal (e.g. the target already holds) is recorded, not fatal."""
+        try:
+            out = self.b.edit(case, self.cfg.method, self.cfg.config)
+        except BackendError as exc:
+            if exc.status in (401, 403):
+                raise
+            if exc.code in ("unknown_method", "invalid_config"):
+                raise
+            result.edit_error = exc.code
+            return False
         result.edit_id, result.edit_ms, result.fit_ms = out.id, out.wall_ms, out.fit_ms
+        return True
 
     def _sequential(self, cases, refs, held):
         results = [CaseResult(c.case_id, c.prompt, c.target) for c in cases]
@@ -332,8 +363,8 @@ class Runner:
                 self.fill([r], [c], tf, greedy, refs)
                 r.success_after_edit = bool(tf["rel_s"][0] and tf["rel_s"][0].all_correct)
             finally:
-                assert r.edit_id is not None
-                self.b.revert(r.edit_id)
+                if r.edit_id is not None:
+                    self.b.revert(r.edit_id)
             self.progress("editing", i + 1, len(cases))
         return results, self._routing(results)
 
