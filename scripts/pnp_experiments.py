@@ -263,6 +263,60 @@ def fmt(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# fit: the adapter alone (no selector), on tuning cases
+# ---------------------------------------------------------------------------------------------
+def fit_case(lm, case: Case, config, with_paraphrase: bool = False):
+    from app.methods import EditRequest, get
+
+    method = get("pnp")
+    req = EditRequest(case.prompt, case.target, subject=case.subject,
+                      paraphrases=[case.rephrase] if with_paraphrase else [])
+    return method.fit(lm, req, config)
+
+
+def gen_match(lm, prompt: str, target: str, deltas) -> bool:
+    """Greedy continuation starts with the target's tokens (completion form)."""
+    want = lm.target_ids(prompt, target, "completion")
+    got = lm.generate([prompt], max_new_tokens=len(want), mode="completion", deltas=deltas)[0].token_ids
+    return got[: len(want)] == want
+
+
+def cmd_fit(args) -> None:
+    from app.methods import get
+
+    lm = load_lm(args.threads)
+    method = get("pnp")
+    config = method.parse_config(json.loads(args.config))
+    cases = cf_cases(CF_TRAIN, args.start, args.n) if args.dataset == "cf" else zsre_cases(500 + args.start, args.n)
+    rows = []
+    for case in cases:
+        res = fit_case(lm, case, config)
+        d = [res.delta]
+        s = lm.score([case.prompt, case.rephrase], [case.target] * 2, mode="completion", deltas=d)
+        base_loc = lm.generate([case.loc_prompt], max_new_tokens=8, mode="completion")[0].token_ids
+        edit_loc = lm.generate([case.loc_prompt], max_new_tokens=8, mode="completion", deltas=d)[0].token_ids
+        row = {
+            "ms": res.train_ms, "steps": res.steps, "conv": res.info["converged"],
+            "rel": s[0].all_correct, "gen": s[1].all_correct,
+            "rel_gen": gen_match(lm, case.prompt, case.target, d), "gen_gen": gen_match(lm, case.rephrase, case.target, d),
+            "loc_raw": base_loc == edit_loc,
+        }
+        rows.append(row)
+        if args.verbose:
+            print(json.dumps(row), case.prompt, "->", case.target, "|", case.rephrase, flush=True)
+    summarise_fit(rows, args.config)
+
+
+def summarise_fit(rows: list[dict], label: str) -> None:
+    ms = sorted(r["ms"] for r in rows)
+    mean = lambda k: statistics.mean(float(r[k]) for r in rows)  # noqa: E731
+    print(f"{label}: n={len(rows)} fit p50 {ms[len(ms)//2]:.0f} ms p95 {ms[int(len(ms)*0.95)]:.0f} ms "
+          f"steps {mean('steps'):.1f} converged {mean('conv'):.2f} | rel {mean('rel'):.3f} gen {mean('gen'):.3f} "
+          f"| greedy rel {mean('rel_gen'):.3f} gen {mean('gen_gen'):.3f} | adapter-alone locality {mean('loc_raw'):.3f}",
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -276,6 +330,14 @@ def main() -> None:
     r.add_argument("--fixed", default=None, help="also print encoder,rule,t,t_open")
     r.add_argument("--threads", type=int, default=1)
     r.set_defaults(func=cmd_routing)
+    f = sub.add_parser("fit")
+    f.add_argument("--dataset", choices=["cf", "zsre"], default="cf")
+    f.add_argument("--start", type=int, default=0)
+    f.add_argument("--n", type=int, default=30)
+    f.add_argument("--config", default="{}", help="PnPConfig overrides as JSON")
+    f.add_argument("--verbose", action="store_true")
+    f.add_argument("--threads", type=int, default=1)
+    f.set_defaults(func=cmd_fit)
     args = ap.parse_args()
     args.func(args)
 

@@ -1,0 +1,74 @@
+"""Settings of the `pnp` method (Plug-and-Play adaptation): one small LoRA adapter per edit."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from app.methods.base import MethodConfig
+
+
+class PnPConfig(MethodConfig):
+    """Defaults measured on the embedded SmolLM2-135M-Instruct (see docs/pnp-notes.md)."""
+
+    rank: int = Field(default=4, ge=1, le=64, description="LoRA rank r of every adapted projection.")
+    layers: int | list[int] = Field(
+        default=4,
+        description="Blocks to adapt: a count of consecutive blocks centred on the middle of the stack, "
+        "or an explicit list of block indices (negative counts from the top).",
+    )
+    linears: Literal["out", "in", "all"] = Field(
+        default="out",
+        description="Which MLP projections get an adapter: `out` (the MLP's output projection), "
+        "`in` (every other MLP projection) or `all`.",
+    )
+    lr: float = Field(default=1e-2, gt=0, le=1.0, description="Adam learning rate of the adapter tensors.")
+    max_steps: int = Field(default=40, ge=1, le=1000, description="Most optimiser steps before giving up.")
+    min_prob: float = Field(
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Training stops once every target token is the argmax on every training prompt and "
+        "has at least this probability (0: argmax alone). A margin above bare argmax carries the "
+        "edit to unseen phrasings of the prompt.",
+    )
+    kl_weight: float = Field(
+        default=0.1,
+        ge=0.0,
+        description="Weight of the KL term that keeps the next-token distribution of unrelated prompts "
+        "unchanged (0 turns it off).",
+    )
+    locality_prompts: int = Field(
+        default=2,
+        ge=0,
+        le=32,
+        description="How many unrelated prompts the KL term uses: the request's own, else drawn from the "
+        "built-in pool.",
+    )
+    context_prefixes: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Extra completion-form training prompts made by putting a short generic context "
+        "(from a built-in list) in front of the prompt, so the edit does not hinge on the prompt "
+        "being the first words of the input.",
+    )
+    chat: bool = Field(
+        default=True,
+        description="Also train the chat form of every prompt when the model has a chat template.",
+    )
+    scale: float = Field(default=1.0, gt=0, description="LoRA output scale stored with the delta.")
+    init_std: float = Field(
+        default=0.02, gt=0, description="Standard deviation of the random A matrices (B starts at zero)."
+    )
+    seed: int = Field(default=0, description="Seed of the adapter initialisation and locality sampling.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("layers must be a positive count or a non-empty list of block indices")
+        if isinstance(v, list) and not v:
+            raise ValueError("layers must be a positive count or a non-empty list of block indices")
+        return v

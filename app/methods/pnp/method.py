@@ -1,0 +1,284 @@
+"""Plug-and-Play adaptation (Lee et al., Findings of ACL 2022): one LoRA adapter per edit.
+
+The adapter is a low-rank delta on MLP projections of a few middle blocks, trained until the
+target is the greedy continuation of the prompt (and of each paraphrase), in completion form
+and, when the model has one, chat form. The selector in front of the model applies an edit's
+adapter only to queries routed to it, so the adapter itself may be specific to its fact; a
+light KL term on unrelated prompts still keeps it from disturbing what it should not.
+
+Training reads the frozen model through the delta's forward hooks (``lm.active``): gradients
+flow only into the adapter tensors, base weights are never written, and other threads never
+see the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from app.delta import Delta
+from app.lm.arch import linear_dims
+from app.lm.engine import LM, Mode
+from app.methods.base import EditRequest, FitResult, Method, ProgressFn, register
+from app.methods.pnp.config import PnPConfig
+
+# Generic lead-ins for ``context_prefixes``: the edited fact should survive text before it.
+CONTEXT_PREFIXES = (
+    "Here is a fact.",
+    "I read this today:",
+    "Quick question.",
+    "Note:",
+    "As everyone knows,",
+    "Let me tell you something.",
+    "Fun fact:",
+    "In short,",
+    "According to the records,",
+    "For the record,",
+    "Listen.",
+    "Trivia:",
+    "Today I learned that",
+    "Fact check:",
+    "Here's something interesting.",
+    "To be precise,",
+)
+
+
+@dataclass
+class _Group:
+    """One padded forward batch: training rows (targets) and locality rows (last position)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    keep: torch.Tensor  # [B, L] bool: positions whose logits are needed
+    is_target: torch.Tensor  # [n_keep] bool: this kept position predicts a target token
+    targets: torch.Tensor  # [n_target] token ids
+    target_row: torch.Tensor  # [n_target] training example index (for per-example mean)
+
+
+def adapted_modules(lm: LM, config: PnPConfig) -> list[str]:
+    """Module paths that get an adapter, from the model's structure (never from its family)."""
+    if isinstance(config.layers, int):
+        layers = lm.arch.middle_layers(config.layers)
+    else:
+        layers = sorted({lm.arch.resolve_layer(i) for i in config.layers})
+    paths = []
+    for i in layers:
+        block = lm.arch.blocks[i]
+        if config.linears == "out":
+            paths.append(block.mlp_out)
+        elif config.linears == "in":
+            paths.extend(p for p in block.mlp_linears if p != block.mlp_out)
+        else:
+            paths.extend(block.mlp_linears)
+    return paths
+
+
+def init_delta(lm: LM, config: PnPConfig) -> Delta:
+    """A LoRA delta with random A and zero B: a no-op until trained."""
+    gen = torch.Generator().manual_seed(config.seed)
+    tensors = {}
+    for path in adapted_modules(lm, config):
+        d_in, d_out = linear_dims(lm.arch.module(path))
+        a = torch.randn(config.rank, d_in, generator=gen) * config.init_std
+        tensors[f"{path}::A"] = a.to(lm.device)
+        tensors[f"{path}::B"] = torch.zeros(d_out, config.rank, device=lm.device)
+    meta = {
+        "scale": repr(float(config.scale)),
+        "method": "pnp",
+        "rank": str(config.rank),
+    }
+    return Delta("lora", tensors, meta)
+
+
+def training_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
+    """The prompt, its paraphrases and (``context_prefixes``) the prompt after generic lead-ins."""
+    prompts: list[str] = []
+    for p in [request.prompt, *request.paraphrases]:
+        if p.strip() and p not in prompts:
+            prompts.append(p)
+    for prefix in CONTEXT_PREFIXES[: config.context_prefixes]:
+        prompts.append(f"{prefix} {request.prompt.lstrip()}")
+    return prompts
+
+
+def training_modes(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[Mode, ...]:
+    if request.modes:
+        modes = tuple(request.modes)
+        if "chat" in modes and not lm.has_chat_template:
+            modes = tuple(m for m in modes if m != "chat")
+        return modes or ("completion",)
+    return ("completion", "chat") if (config.chat and lm.has_chat_template) else ("completion",)
+
+
+def locality_texts(request: EditRequest, config: PnPConfig) -> list[str]:
+    """The request's unrelated prompts, else a seeded draw from the built-in pool."""
+    if config.kl_weight <= 0 or config.locality_prompts == 0:
+        return []
+    if request.locality_prompts:
+        return [p for p in request.locality_prompts if p.strip()][: config.locality_prompts]
+    from app.selector.pool import sample_locality
+
+    seed = config.seed * 1_000_003 + zlib.crc32(request.prompt.encode("utf-8"))
+    return sample_locality(config.locality_prompts, seed, exclude=request.subject)
+
+
+def _build_group(
+    lm: LM,
+    examples: list[tuple[list[int], list[int]]],
+    locality: list[list[int]],
+    first_example: int,
+) -> _Group:
+    """Right-padded batch; kept positions are the target-predicting ones and each locality
+    prompt's last position, in row-major order (the order ``logits[keep]`` returns them)."""
+    rows = [p + t for p, t in examples] + locality
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    keep = torch.zeros((len(rows), width), dtype=torch.bool)
+    target_at: dict[tuple[int, int], tuple[int, int]] = {}
+    for r, seq in enumerate(rows):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[r, : len(seq)] = 1
+    for r, (p, t) in enumerate(examples):
+        for j, tok in enumerate(t):
+            keep[r, len(p) - 1 + j] = True
+            target_at[(r, len(p) - 1 + j)] = (tok, first_example + r)
+    for k, seq in enumerate(locality):
+        keep[len(examples) + k, len(seq) - 1] = True
+    is_target, targets, target_row = [], [], []
+    for r, c in keep.nonzero().tolist():
+        hit = target_at.get((r, c))
+        is_target.append(hit is not None)
+        if hit is not None:
+            targets.append(hit[0])
+            target_row.append(hit[1])
+    dev = lm.device
+    return _Group(
+        ids.to(dev), attn.to(dev), keep.to(dev), torch.tensor(is_target, dtype=torch.bool, device=dev),
+        torch.tensor(targets, dtype=torch.long, device=dev), torch.tensor(target_row, dtype=torch.long, device=dev),
+    )
+
+
+def kept_logits(lm: LM, group: _Group) -> torch.Tensor:
+    """Logits at the kept positions only ([n_keep, vocab]); the vocabulary projection of
+    every other position is skipped when the model supports ``logits_to_keep`` masks."""
+    n_keep = int(group.keep.sum())
+    try:
+        out = lm.model(input_ids=group.input_ids, attention_mask=group.attention_mask, logits_to_keep=group.keep)
+        logits = out.logits
+        if logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == n_keep:
+            logits = logits[0]
+        if logits.dim() == 2 and logits.shape[0] == n_keep:
+            return logits.float()
+    except TypeError:
+        pass
+    logits = lm.model(input_ids=group.input_ids, attention_mask=group.attention_mask).logits
+    return logits[group.keep].float()
+
+
+def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[_Group], int, int]:
+    """One forward batch per text form (similar lengths pad little); the locality prompts ride
+    with the completion batch. Returns (groups, training examples, locality prompts)."""
+    prompts = training_prompts(request, config)
+    loc = [lm.prompt_ids(p, "completion") for p in locality_texts(request, config)]
+    n_loc = len(loc)
+    groups, n_examples = [], 0
+    for mode in training_modes(lm, request, config):
+        examples = [(lm.prompt_ids(p, mode), lm.target_ids(p, request.target, mode)) for p in prompts]
+        examples = [(p, t) for p, t in examples if t]
+        if not examples:
+            continue
+        carried = loc if mode == "completion" else []
+        groups.append(_build_group(lm, examples, carried, n_examples))
+        loc = [] if carried else loc
+        n_examples += len(examples)
+    if not groups:
+        raise ValueError("the target encodes to no tokens")
+    if loc:  # no completion batch carried them
+        groups.append(_build_group(lm, [], loc, n_examples))
+    return groups, n_examples, n_loc
+
+
+@register("pnp")
+class PnP(Method[PnPConfig]):
+    """Per-edit LoRA adapter; see the module docstring."""
+
+    config_class = PnPConfig
+
+    def fit(self, lm: LM, request: EditRequest, config: PnPConfig, progress: ProgressFn | None = None) -> FitResult:
+        t0 = time.perf_counter()
+        if not request.prompt.strip() or not request.target.strip():
+            raise ValueError("an edit needs a non-empty prompt and target")
+        delta = init_delta(lm, config)
+        groups, n_examples, n_loc = build_groups(lm, request, config)
+        params = [t.requires_grad_(True) for t in delta.tensors.values()]
+        opt = torch.optim.Adam(params, lr=config.lr)
+        counts = _token_counts(groups, n_examples, lm.device)
+        base_logp: list[torch.Tensor | None] = [None] * len(groups)
+        steps, converged, ce_value, kl_value = 0, False, math.nan, 0.0
+        with torch.enable_grad(), lm.active([delta]):
+            while True:
+                ce, kl, ok = self._objective(lm, groups, base_logp, counts, config.min_prob)
+                ce_value, kl_value = float(ce.detach()), float(kl.detach())
+                if ok:
+                    converged = True
+                    break
+                if steps >= config.max_steps:
+                    break
+                loss = ce + config.kl_weight * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward(inputs=params)
+                opt.step()
+                steps += 1
+                if progress is not None:
+                    progress(steps, config.max_steps, float(loss))
+        for p in params:
+            p.requires_grad_(False)
+        final = Delta("lora", {k: v.detach() for k, v in delta.tensors.items()}, dict(delta.meta))
+        train_ms = (time.perf_counter() - t0) * 1000.0
+        info = {
+            "converged": converged, "loss": ce_value, "locality_kl": kl_value,
+            "examples": n_examples, "locality_prompts": n_loc, "modules": final.modules(),
+        }
+        return FitResult(final, steps, train_ms, info)
+
+    @staticmethod
+    def _objective(
+        lm: LM, groups: list[_Group], base_logp: list[torch.Tensor | None], counts: torch.Tensor, min_prob: float
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(mean per-example target NLL, mean locality KL, is every target token the argmax with
+        at least ``min_prob``). The first call, with B still zero, records the base model's
+        locality distributions that the KL term compares against."""
+        nll = torch.zeros(len(counts), device=lm.device)
+        kl_terms, ok = [], True
+        for g, group in enumerate(groups):
+            logp = torch.log_softmax(kept_logits(lm, group), dim=-1)
+            if group.targets.numel():
+                t_all = logp[group.is_target]
+                t_logp = t_all.gather(-1, group.targets[:, None]).squeeze(-1)
+                ok = ok and bool(t_all.argmax(-1).eq(group.targets).all())
+                ok = ok and bool(t_logp.detach().exp().min() >= min_prob)
+                nll = nll.index_add(0, group.target_row, -t_logp)
+            loc_logp = logp[~group.is_target]
+            if loc_logp.numel():
+                if base_logp[g] is None:
+                    base_logp[g] = loc_logp.detach()
+                kl_terms.append(F.kl_div(loc_logp, base_logp[g], log_target=True, reduction="batchmean"))
+        ce = (nll / counts).mean()
+        kl = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=lm.device)
+        return ce, kl, ok
+
+
+def _token_counts(groups: list[_Group], n_examples: int, device: torch.device) -> torch.Tensor:
+    """Target tokens per training example (so every example weighs the same in the loss)."""
+    counts = torch.zeros(n_examples, device=device)
+    for group in groups:
+        if group.target_row.numel():
+            counts = counts.index_add(0, group.target_row, torch.ones_like(group.target_row, dtype=counts.dtype))
+    return counts.clamp(min=1)

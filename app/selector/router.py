@@ -1,0 +1,277 @@
+"""The selector: decide, per query, which active edit (if any) serves it.
+
+Every edit owns a few *keys*: the embeddings of its prompt and paraphrases. A query is
+embedded with the same encoder; an edit's score is its best key's cosine similarity. The
+query is routed to the best-scoring edit that passes the rule, else to none (the base model).
+
+The rule has two thresholds, because similarity alone cannot tell "BBC One, by" (edited)
+from "BBC Radio, by" (unrelated, same relation, half the subject):
+
+* ``threshold`` applies to an edit whose subject occurs in the query as whole words
+  (case, accents and punctuation ignored);
+* ``open_threshold`` applies otherwise (an edit with no subject, or a query that does not
+  name it). Above 1 it is never met: only queries that name the subject are routed.
+
+With ``open_threshold == threshold`` the rule is similarity alone.
+
+The keys live in one float32 matrix (the in-process "mirror" of the shared memory), replaced
+copy-on-write under a lock, so a lookup reads a consistent snapshot without locking. A
+lookup is one matrix-vector product over the candidate keys: the edits named by subject
+(found with a word n-gram index, not a scan) and, when the open rule is on, all keys, or
+above ``exact_limit`` keys the edits nearest by key centroid.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import unicodedata
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from app.selector.encoders import Encoder, build_encoder, l2_normalise
+
+if TYPE_CHECKING:
+    from app.lm.engine import LM
+
+DEFAULT_ENCODER = "minilm"
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_OPEN_THRESHOLD = 1.01
+DEFAULT_EXACT_LIMIT = 8192
+DEFAULT_PREFILTER = 64
+
+_NON_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def normalise_words(text: str) -> str:
+    """Lower-case words separated by single spaces; accents and punctuation dropped."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _NON_WORD.sub(" ", stripped.casefold()).strip()
+
+
+def subject_in(subject: str, query: str) -> bool:
+    """Does ``subject`` occur in ``query`` as a run of whole words (normalised)?"""
+    s = normalise_words(subject)
+    return bool(s) and f" {s} " in f" {normalise_words(query)} "
+
+
+@dataclass
+class KeyRecord:
+    """The keys of one edit: unit vectors [n, d] and the texts they were embedded from."""
+
+    edit_id: str
+    vectors: np.ndarray
+    texts: list[str]
+    subject: str | None = None
+
+    def __post_init__(self) -> None:
+        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        if self.vectors.ndim != 2 or self.vectors.shape[0] == 0:
+            raise ValueError("a key record needs at least one vector, shaped [n, d]")
+        if len(self.texts) != self.vectors.shape[0]:
+            raise ValueError("a key record needs one text per vector")
+        if self.subject is not None and not normalise_words(self.subject):
+            self.subject = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a query goes: the edit, its best key's similarity and text, and whether the
+    edit's subject was named in the query."""
+
+    edit_id: str
+    similarity: float
+    key_text: str | None = None
+    subject_match: bool = False
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    matrix: np.ndarray  # [K, d] all keys
+    key_edit: np.ndarray  # [K] edit index of each key
+    key_texts: tuple[str, ...]
+    edit_ids: tuple[str, ...]
+    edit_rows: tuple[np.ndarray, ...]  # per edit index: its key rows
+    centroids: np.ndarray  # [E, d] normalised mean key per edit
+    subjects: dict[str, tuple[int, ...]] = field(default_factory=dict)  # normalised subject -> edit indices
+    max_subject_words: int = 0
+
+    @classmethod
+    def build(cls, records: Sequence[KeyRecord], dim: int) -> "_Snapshot":
+        if not records:
+            empty = np.zeros((0, dim), dtype=np.float32)
+            return cls(empty, np.zeros(0, dtype=np.int64), (), (), (), empty)
+        matrix = np.ascontiguousarray(np.concatenate([r.vectors for r in records]), dtype=np.float32)
+        key_edit = np.concatenate([np.full(len(r.vectors), i, dtype=np.int64) for i, r in enumerate(records)])
+        bounds = np.cumsum([0] + [len(r.vectors) for r in records])
+        edit_rows = tuple(np.arange(bounds[i], bounds[i + 1]) for i in range(len(records)))
+        centroids = l2_normalise(np.stack([r.vectors.mean(0) for r in records]))
+        subjects: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            if r.subject:
+                subjects.setdefault(normalise_words(r.subject), []).append(i)
+        max_words = max((len(s.split()) for s in subjects), default=0)
+        return cls(
+            matrix, key_edit, tuple(t for r in records for t in r.texts), tuple(r.edit_id for r in records),
+            edit_rows, centroids, {k: tuple(v) for k, v in subjects.items()}, max_words,
+        )
+
+    def named_edits(self, query: str) -> set[int]:
+        """Edits whose subject occurs in ``query`` as whole words: a lookup per word n-gram."""
+        if not self.subjects:
+            return set()
+        words = normalise_words(query).split()
+        found: set[int] = set()
+        for start in range(len(words)):
+            for stop in range(start + 1, min(len(words), start + self.max_subject_words) + 1):
+                hit = self.subjects.get(" ".join(words[start:stop]))
+                if hit:
+                    found.update(hit)
+        return found
+
+
+class Selector:
+    """Routes a query to at most one active edit; see the module docstring for the rule."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        threshold: float | None = None,
+        *,
+        open_threshold: float | None = None,
+        exact_limit: int = DEFAULT_EXACT_LIMIT,
+        prefilter: int = DEFAULT_PREFILTER,
+    ):
+        self.encoder = encoder
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
+        self.open_threshold = DEFAULT_OPEN_THRESHOLD if open_threshold is None else float(open_threshold)
+        self.exact_limit = exact_limit
+        self.prefilter = prefilter
+        self._lock = threading.Lock()
+        self._records: dict[str, KeyRecord] = {}
+        self._snap = _Snapshot.build([], encoder.dim)
+
+    # -- keys ----------------------------------------------------------------------------------
+    def keys_for(self, prompt: str, paraphrases: Iterable[str] = (), subject: str | None = None) -> KeyRecord:
+        """Embed an edit's prompt and paraphrases (duplicates dropped) into a record without an id."""
+        texts: list[str] = []
+        for text in [prompt, *paraphrases]:
+            text = text.strip()
+            if text and text not in texts:
+                texts.append(text)
+        if not texts:
+            raise ValueError("an edit needs a non-empty prompt to key on")
+        return KeyRecord("", self.encoder.encode(texts), texts, subject)
+
+    # -- memory --------------------------------------------------------------------------------
+    def add(self, record: KeyRecord) -> None:
+        """Add (or replace) one edit's keys."""
+        if not record.edit_id:
+            raise ValueError("a key record needs an edit_id before it is added")
+        self._check_dim(record)
+        with self._lock:
+            records = dict(self._records)
+            records[record.edit_id] = record
+            self._publish(records)
+
+    def remove(self, edit_id: str) -> bool:
+        """Drop one edit's keys; False when it had none."""
+        with self._lock:
+            if edit_id not in self._records:
+                return False
+            records = dict(self._records)
+            del records[edit_id]
+            self._publish(records)
+            return True
+
+    def replace_all(self, records: Iterable[KeyRecord]) -> None:
+        """Swap the whole memory at once (a rebuild from the database or the shared store)."""
+        new = {}
+        for record in records:
+            if not record.edit_id:
+                raise ValueError("a key record needs an edit_id before it is added")
+            self._check_dim(record)
+            new[record.edit_id] = record
+        with self._lock:
+            self._publish(new)
+
+    def edit_ids(self) -> list[str]:
+        return list(self._snap.edit_ids)
+
+    def __len__(self) -> int:
+        return len(self._snap.edit_ids)
+
+    def __contains__(self, edit_id: object) -> bool:
+        return edit_id in self._records
+
+    def _publish(self, records: dict[str, KeyRecord]) -> None:
+        self._records = records
+        self._snap = _Snapshot.build(list(records.values()), self.encoder.dim)
+
+    def _check_dim(self, record: KeyRecord) -> None:
+        if record.vectors.shape[1] != self.encoder.dim:
+            raise ValueError(f"key width {record.vectors.shape[1]} != encoder width {self.encoder.dim}")
+
+    # -- lookup --------------------------------------------------------------------------------
+    @property
+    def rule(self) -> str:
+        if self.open_threshold > 1.0:
+            return "subject"
+        if self.open_threshold <= self.threshold:
+            return "similarity"
+        return "subject-or-strict"
+
+    def route(self, query: str) -> Route | None:
+        return self.route_vector(self.encoder.encode([query])[0], query)
+
+    def route_many(self, queries: Sequence[str]) -> list[Route | None]:
+        if not queries:
+            return []
+        vectors = self.encoder.encode(list(queries))
+        return [self.route_vector(v, q) for v, q in zip(vectors, queries)]
+
+    def route_vector(self, vector: np.ndarray, query: str) -> Route | None:
+        """The routing decision for a query already embedded (``vector``, unit length)."""
+        snap = self._snap
+        if not snap.edit_ids:
+            return None
+        named = snap.named_edits(query)
+        rows = self._candidate_rows(snap, vector, named)
+        if rows.size == 0:
+            return None
+        sims = snap.matrix[rows] @ vector if rows.size < len(snap.matrix) else snap.matrix @ vector
+        edits = snap.key_edit[rows]
+        is_named = np.isin(edits, np.fromiter(named, dtype=np.int64, count=len(named)))
+        passes = sims >= np.where(is_named, self.threshold, self.open_threshold)
+        if not passes.any():
+            return None
+        best = int(np.argmax(np.where(passes, sims, -np.inf)))
+        edit = int(edits[best])
+        return Route(snap.edit_ids[edit], float(sims[best]), snap.key_texts[int(rows[best])], edit in named)
+
+    def _candidate_rows(self, snap: _Snapshot, vector: np.ndarray, named: set[int]) -> np.ndarray:
+        """Key rows worth scoring: the named edits' keys, plus (open rule) every key, or the
+        keys of the edits nearest by centroid when the memory is too large to scan in full."""
+        chosen = set(named)
+        if self.open_threshold <= 1.0:
+            if len(snap.matrix) <= self.exact_limit:
+                return np.arange(len(snap.matrix))
+            near = snap.centroids @ vector
+            k = min(self.prefilter, len(near))
+            chosen.update(np.argpartition(-near, k - 1)[:k].tolist())
+        if not chosen:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([snap.edit_rows[i] for i in sorted(chosen)])
+
+
+def build_selector(
+    lm: "LM | None" = None,
+    encoder_name: str = DEFAULT_ENCODER,
+    threshold: float | None = None,
+    open_threshold: float | None = None,
+) -> Selector:
+    """The selector with the measured defaults (encoder, thresholds), any of them overridable."""
+    return Selector(build_encoder(encoder_name, lm), threshold, open_threshold=open_threshold)

@@ -1,0 +1,125 @@
+"""The `pnp` method on tiny random llama and gpt2 models: it learns a short target, the delta
+survives serialisation, and nothing changes while the delta is not active."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.delta import Delta
+from app.lm.arch import linear_dims
+from app.methods import EditRequest, get
+from app.methods.base import ValidationError
+from app.methods.pnp.method import adapted_modules, build_groups, init_delta
+
+PROMPT, TARGET = "The capital of Freedonia is", "Paris"
+CONFIG = {"lr": 0.05, "max_steps": 150, "min_prob": 0.0, "layers": 2}
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request):
+    from app.lm.testing import tiny_lm
+
+    torch.set_num_threads(1)
+    return tiny_lm(request.param)
+
+
+@pytest.fixture(scope="module")
+def fitted(lm):
+    """One fit per architecture, shared by the tests that only read it."""
+    method = get("pnp")
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    base = lm.score([PROMPT], [TARGET], mode="completion")[0]
+    steps_seen: list[int] = []
+    req = EditRequest(PROMPT, TARGET, locality_prompts=["The weather today is", "Once upon a time"])
+    result = method.fit(lm, req, method.parse_config(CONFIG), progress=lambda s, n, loss: steps_seen.append(s))
+    return result, before, base, steps_seen
+
+
+def test_fit_makes_the_target_the_argmax_in_both_forms(lm, fitted):
+    result, _, base, steps_seen = fitted
+    assert not base.all_correct  # a random model does not already say it
+    assert result.info["converged"] and result.steps >= 1
+    assert steps_seen == list(range(1, result.steps + 1))
+    for mode in ("completion", "chat"):
+        assert lm.score([PROMPT], [TARGET], mode=mode, deltas=[result.delta])[0].all_correct, mode
+
+
+def test_delta_is_lora_on_the_mlps_of_middle_blocks(lm, fitted):
+    delta = fitted[0].delta
+    assert delta.kind == "lora" and delta.scale == 1.0
+    assert delta.modules() == [lm.arch.blocks[i].mlp_out for i in lm.arch.middle_layers(2)]
+    for path in delta.modules():
+        d_in, d_out = linear_dims(lm.arch.module(path))
+        assert tuple(delta.get(path, "A").shape) == (4, d_in)
+        assert tuple(delta.get(path, "B").shape) == (d_out, 4)
+        assert not delta.get(path, "A").requires_grad
+
+
+def test_delta_round_trips_through_bytes_and_still_works(lm, fitted):
+    delta = fitted[0].delta
+    back = Delta.from_bytes(delta.to_bytes())
+    assert back.kind == "lora" and back.meta == delta.meta
+    for name, tensor in delta.tensors.items():
+        assert torch.equal(back.tensors[name], tensor)
+    assert lm.score([PROMPT], [TARGET], mode="completion", deltas=[back])[0].all_correct
+
+
+def test_base_model_is_unchanged_when_the_delta_is_not_active(lm, fitted):
+    _, before, base, _ = fitted
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = lm.score([PROMPT], [TARGET], mode="completion")[0]
+    assert again.logprob == pytest.approx(base.logprob, abs=1e-5) and again.correct == base.correct
+
+
+def test_untrained_delta_is_a_no_op(lm):
+    cfg = get("pnp").parse_config({"linears": "all", "layers": [0, -1]})
+    delta = init_delta(lm, cfg)
+    assert len(delta.modules()) == 2 * len(lm.arch.blocks[0].mlp_linears)
+    plain = lm.score([PROMPT], [TARGET], mode="completion")[0]
+    with_delta = lm.score([PROMPT], [TARGET], mode="completion", deltas=[delta])[0]
+    assert with_delta.logprob == pytest.approx(plain.logprob, abs=1e-5)
+
+
+def test_fit_is_deterministic_under_the_seed(lm):
+    method = get("pnp")
+    cfg = method.parse_config({**CONFIG, "max_steps": 3, "seed": 7})
+    req = EditRequest("Toko Yasuda plays the", "piano", subject="Toko Yasuda")
+    a, b = method.fit(lm, req, cfg), method.fit(lm, req, cfg)
+    c = method.fit(lm, req, method.parse_config({**CONFIG, "max_steps": 3, "seed": 8}))
+    assert all(torch.equal(a.delta.tensors[k], b.delta.tensors[k]) for k in a.delta.tensors)
+    assert not all(torch.equal(a.delta.tensors[k], c.delta.tensors[k]) for k in a.delta.tensors)
+
+
+def test_training_batches_cover_prompt_paraphrases_forms_and_locality(lm):
+    cfg = get("pnp").parse_config({"locality_prompts": 3, "context_prefixes": 2})
+    req = EditRequest(PROMPT, TARGET, paraphrases=["Freedonia's capital is", PROMPT])
+    groups, n_examples, n_loc = build_groups(lm, req, cfg)
+    assert n_examples == 2 * 4  # (prompt, paraphrase, two prefixed prompts) x (completion, chat)
+    assert n_loc == 3  # drawn from the built-in pool
+    completion = groups[0]
+    first_target = lm.target_ids(PROMPT, TARGET, "completion")[0]
+    assert completion.targets[0].item() == first_target  # completion form has the leading space
+    assert int((~completion.is_target).sum()) == 3 and int((~groups[1].is_target).sum()) == 0
+    no_kl = get("pnp").parse_config({"kl_weight": 0})
+    assert build_groups(lm, EditRequest(PROMPT, TARGET, modes=("completion",)), no_kl)[1:] == (1, 0)
+
+
+def test_unknown_or_invalid_config_is_rejected(lm):
+    method = get("pnp")
+    with pytest.raises(ValidationError):
+        method.parse_config({"bogus": 1})
+    with pytest.raises(ValidationError):
+        method.parse_config({"layers": []})
+    with pytest.raises(ValidationError):
+        method.parse_config({"rank": 0})
+    assert adapted_modules(lm, method.parse_config({"layers": [1], "linears": "in"})) == [
+        p for p in lm.arch.blocks[1].mlp_linears if p != lm.arch.blocks[1].mlp_out
+    ]
+
+
+def test_empty_target_is_an_error(lm):
+    method = get("pnp")
+    with pytest.raises(ValueError):
+        method.fit(lm, EditRequest(PROMPT, "  "), method.parse_config({}))

@@ -1,0 +1,204 @@
+"""The selector's routing rule, on a bag-of-words fake encoder (fast) and once on MiniLM (e2e)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+
+from app.selector.encoders import l2_normalise
+from app.selector.router import KeyRecord, Selector, normalise_words, subject_in
+
+
+class BagOfWords:
+    """Texts sharing words get similar unit vectors: each word hashes to a fixed random vector."""
+
+    name = "bag-of-words"
+    dim = 64
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _word(self, word: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little")
+        return np.random.default_rng(seed).standard_normal(self.dim)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        rows = [sum((self._word(w) for w in normalise_words(t).split()), np.zeros(self.dim)) for t in texts]
+        return l2_normalise(np.array(rows, dtype=np.float32))
+
+
+def make(threshold=0.5, open_threshold=1.01, **kw) -> Selector:
+    return Selector(BagOfWords(), threshold, open_threshold=open_threshold, **kw)
+
+
+def add(sel: Selector, edit_id: str, prompt: str, subject: str | None = None, paraphrases=()) -> None:
+    rec = sel.keys_for(prompt, list(paraphrases), subject)
+    rec.edit_id = edit_id
+    sel.add(rec)
+
+
+def test_in_scope_routes_to_its_own_edit_and_unrelated_query_to_none():
+    sel = make()
+    add(sel, "uk", "The prime minister of the United Kingdom is", "United Kingdom")
+    add(sel, "fr", "The capital city of France is", "France")
+    route = sel.route("Today the prime minister of the United Kingdom is")
+    assert route is not None and route.edit_id == "uk" and route.subject_match
+    assert route.key_text == "The prime minister of the United Kingdom is"
+    assert sel.route("The capital city of France is").edit_id == "fr"
+    assert sel.route("How do penguins keep warm in winter") is None
+
+
+def test_subject_rule_rejects_a_query_sharing_relation_and_half_the_subject():
+    bbc_one, bbc_radio = "BBC One, by", "BBC Radio, by"
+    strict = make(threshold=0.3)
+    add(strict, "e1", bbc_one, "BBC One")
+    assert strict.route(bbc_one).edit_id == "e1"
+    assert strict.route(bbc_radio) is None
+    # similarity alone (open threshold = threshold) lets the look-alike through: the rule matters
+    loose = make(threshold=0.3, open_threshold=0.3)
+    add(loose, "e1", bbc_one, "BBC One")
+    assert loose.rule == "similarity"
+    assert loose.route(bbc_radio) is not None
+
+
+def test_subject_named_but_too_dissimilar_is_not_routed():
+    sel = make(threshold=0.6)
+    add(sel, "e1", "The mother tongue of Danielle Darrieux is", "Danielle Darrieux")
+    assert sel.route("Danielle Darrieux was born in the city of") is None
+
+
+def test_edit_without_subject_uses_the_open_threshold():
+    sel = make(threshold=0.3, open_threshold=0.9)
+    add(sel, "e1", "the best pizza topping is")
+    assert sel.route("the best pizza topping is").edit_id == "e1"  # identical: similarity 1
+    assert sel.route("the best topping for a salad is") is None
+
+
+def test_two_edits_on_one_subject_pick_the_closer_key():
+    sel = make(threshold=0.2)
+    add(sel, "job", "The profession of Arun Nehru is", "Arun Nehru")
+    add(sel, "born", "Arun Nehru was born in the city of", "Arun Nehru")
+    assert sel.route("What is the profession of Arun Nehru").edit_id == "job"
+    assert sel.route("In which city was Arun Nehru born").edit_id == "born"
+
+
+def test_paraphrase_keys_extend_the_scope():
+    sel = make(threshold=0.7)
+    add(sel, "e1", "Eiffel Tower is located in", "Eiffel Tower", paraphrases=["Which city has the Eiffel Tower"])
+    assert len(sel.keys_for("a", ["a", " b ", ""]).texts) == 2  # duplicates and blanks dropped
+    route = sel.route("which city has the Eiffel Tower ?")
+    assert route is not None and route.key_text == "Which city has the Eiffel Tower"
+
+
+def test_remove_and_replace_all():
+    sel = make()
+    add(sel, "a", "The capital city of France is", "France")
+    add(sel, "b", "The currency of Japan is", "Japan")
+    assert len(sel) == 2 and "a" in sel
+    assert sel.remove("a") is True and sel.remove("a") is False
+    assert sel.route("The capital city of France is") is None
+    assert sel.route("The currency of Japan is").edit_id == "b"
+    rec = sel.keys_for("The capital city of France is", [], "France")
+    rec.edit_id = "c"
+    sel.replace_all([rec])
+    assert sel.edit_ids() == ["c"]
+    assert sel.route("The currency of Japan is") is None
+    assert sel.route("The capital city of France is").edit_id == "c"
+
+
+def test_add_rejects_records_without_id_or_of_the_wrong_width():
+    sel = make()
+    with pytest.raises(ValueError):
+        sel.add(sel.keys_for("x is", [], None))
+    with pytest.raises(ValueError):
+        sel.add(KeyRecord("z", np.ones((1, 3), dtype=np.float32), ["x"]))
+    with pytest.raises(ValueError):
+        KeyRecord("z", np.ones((2, 64), dtype=np.float32), ["only one text"])
+
+
+def test_empty_selector_routes_nothing_and_route_many_matches_route():
+    sel = make()
+    assert sel.route("anything") is None and sel.route_many([]) == []
+    add(sel, "fr", "The capital city of France is", "France")
+    queries = ["The capital city of France is", "Penguins live in", "what is the capital city of France"]
+    many = sel.route_many(queries)
+    assert [r.edit_id if r else None for r in many] == [
+        (r.edit_id if r else None) for r in (sel.route(q) for q in queries)
+    ]
+
+
+def test_centroid_prefilter_agrees_with_the_exact_scan():
+    subjects = [f"Person{i} Family{i}" for i in range(60)]
+    exact = make(threshold=0.3, open_threshold=0.5)
+    approx = make(threshold=0.3, open_threshold=0.5, exact_limit=10, prefilter=8)
+    for i, s in enumerate(subjects):
+        for sel in (exact, approx):
+            add(sel, f"e{i}", f"{s} works as a", s, paraphrases=[f"The job of {s} is"])
+    for i, s in enumerate(subjects[:20]):
+        for q in (f"{s} works as a", f"what job does {s} have", f"works as a Person{i}"):
+            a, b = exact.route(q), approx.route(q)
+            assert (a.edit_id if a else None) == (b.edit_id if b else None)
+
+
+def test_lookup_is_thread_safe_while_the_memory_changes():
+    sel = make(threshold=0.4)
+    add(sel, "fixed", "The capital city of France is", "France")
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(100):
+                add(sel, f"w{i}", f"Subject{i} plays the", f"Subject{i}")
+                if i % 2:
+                    sel.remove(f"w{i - 1}")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(200):
+                route = sel.route("The capital city of France is")
+                assert route is not None and route.edit_id == "fixed"
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_subject_matching_ignores_case_accents_and_punctuation_but_needs_whole_words():
+    assert subject_in("Nicolas de Malézieu", "what's the language of nicolas de malezieu?")
+    assert subject_in("BBC One", "BBC One's owner is")
+    assert not subject_in("BBC One", "BBC Radio, by")
+    assert not subject_in("Ford", "Fordham University is in")
+    assert not subject_in("!!", "!! anything")
+
+
+@pytest.mark.e2e
+def test_minilm_with_default_rule_routes_a_paraphrase_and_not_a_look_alike():
+    from app.selector.router import build_selector
+
+    sel = build_selector(None, "minilm")
+    assert sel.encoder.dim == 384
+    v = sel.encoder.encode(["hello world", "hello world"])
+    assert v.dtype == np.float32 and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    for edit_id, prompt, subject in [
+        ("bbc", "BBC One, by", "BBC One"),
+        ("pm", "The prime minister of the United Kingdom is", "United Kingdom"),
+        ("nehru", "The profession of Arun Nehru is", "Arun Nehru"),
+    ]:
+        rec = sel.keys_for(prompt, [], subject)
+        rec.edit_id = edit_id
+        sel.add(rec)
+    assert sel.route("Arun Nehru is known for").edit_id == "nehru"
+    assert sel.route("Who is the prime minister of the United Kingdom?").edit_id == "pm"
+    assert sel.route("BBC Radio, by") is None
+    assert sel.route("George Washington's profession is a") is None
