@@ -1,0 +1,210 @@
+"""Edits over HTTP with real PostgreSQL and Redis and a tiny model: an edit changes the answer for
+its prompt, leaves unrelated queries alone, and a revert restores the base model; supersede,
+idempotency, validation, failures that leave nothing behind, restart, Redis flush, replicas and
+concurrent isolation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.conftest import ADMIN, EDITOR, READER, auth
+
+FAST = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0}
+EDIT = {"prompt": "The favourite colour of Zorblax Quint is", "target": "ultraviolet",
+        "subject": "Zorblax Quint", "config": FAST}
+UNRELATED = "The capital of Norway is"
+
+
+def answer(client, q, n=4):
+    r = client.get("/answer", params={"q": q, "max_new_tokens": n, "mode": "completion"}, headers=auth(READER))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def create(client, body=EDIT, **headers):
+    return client.post("/edits", json=body, headers={**auth(EDITOR), **headers})
+
+
+def count_rows(rt) -> dict:
+    from app.store import EditRepo
+
+    with rt.db.session() as s:
+        return EditRepo(s).count_by_status()
+
+
+def test_edit_changes_answer_and_revert_restores_it(service, tiny_llama):
+    client, rt = service()
+    before = answer(client, EDIT["prompt"])
+    other_before = answer(client, UNRELATED)
+    r = create(client)
+    assert r.status_code == 201, r.text
+    edit = r.json()
+    assert edit["status"] == "active" and edit["method"] == "pnp" and edit["metrics"]["success"] == 1.0
+    assert edit["metrics"]["steps"] >= 1 and edit["metrics"]["train_ms"] > 0
+
+    after = answer(client, EDIT["prompt"])
+    assert after["edit_id"] == edit["id"] and after["similarity"] > 0.5
+    assert after["answer"].startswith("ultraviolet") and after["answer"] != before["answer"]
+    unrelated = answer(client, UNRELATED)
+    assert unrelated["answer"] == other_before["answer"] and unrelated["edit_id"] is None
+
+    assert client.get(f"/edits/{edit['id']}", headers=auth(READER)).json()["status"] == "active"
+    assert client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(EDITOR)).status_code == 403
+    r = client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))
+    assert r.status_code == 200 and r.json() == {"id": edit["id"], "status": "reverted"}
+    restored = answer(client, EDIT["prompt"])
+    assert restored["edit_id"] is None and restored["answer"] == before["answer"]
+    assert client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN)).json()["status"] == "reverted"
+    actions = [e["action"] for e in client.get(f"/edits/{edit['id']}/history", headers=auth(READER)).json()["items"]]
+    assert actions == ["edit.create", "edit.revert"]
+    listing = client.get("/edits", params={"status": "reverted"}, headers=auth(READER)).json()
+    assert [e["id"] for e in listing["items"]] == [edit["id"]]
+
+
+def test_second_edit_supersedes_and_revert_reinstates(service):
+    client, _ = service()
+    first = create(client).json()
+    second = create(client, {**EDIT, "target": "infrared"}).json()
+    assert second["supersedes_id"] == first["id"]
+    assert client.get(f"/edits/{first['id']}", headers=auth(READER)).json()["status"] == "superseded"
+    now = answer(client, EDIT["prompt"])
+    assert now["edit_id"] == second["id"] and now["answer"].startswith("infrared")
+    client.post(f"/admin/edits/{second['id']}/revert", headers=auth(ADMIN))
+    assert client.get(f"/edits/{first['id']}", headers=auth(READER)).json()["status"] == "active"
+    back = answer(client, EDIT["prompt"])
+    assert back["edit_id"] == first["id"] and back["answer"].startswith("ultraviolet")
+
+
+def test_idempotency_key_returns_the_same_edit(service):
+    client, rt = service()
+    a = create(client, **{"Idempotency-Key": "k-1"})
+    b = create(client, **{"Idempotency-Key": "k-1"})
+    assert a.status_code == 201 and b.status_code == 200 and a.json()["id"] == b.json()["id"]
+    c = create(client, {**EDIT, "target": "infrared"}, **{"Idempotency-Key": "k-1"})
+    assert c.status_code == 409 and c.json()["error"]["code"] == "idempotency_key_reused"
+    assert count_rows(rt) == {"active": 1}
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        ({**EDIT, "prompt": ""}, 422, "invalid_request"),
+        ({**EDIT, "target": "   "}, 422, "invalid_request"),
+        ({**EDIT, "prompt": "x" * 2001}, 422, "invalid_request"),
+        ({**EDIT, "target": "y" * 201}, 422, "invalid_request"),
+        ({**EDIT, "paraphrases": ["p"] * 21}, 422, "invalid_request"),
+        ({**EDIT, "paraphrases": "not a list"}, 422, "invalid_request"),
+        ({**EDIT, "extra": 1}, 422, "invalid_request"),
+        ({**EDIT, "method": "nope"}, 422, "unknown_method"),
+        ({**EDIT, "config": {"no_such_knob": 1}}, 422, "invalid_config"),
+        ({**EDIT, "config": {"rank": 0}}, 422, "invalid_config"),
+    ],
+)
+def test_bad_edit_requests_write_nothing(service, body, status, code):
+    client, rt = service()
+    r = create(client, body)
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert count_rows(rt) == {}
+    assert len(rt.selector) == 0 and rt.memory.all() == []
+
+
+def test_target_the_model_already_gives_is_refused(service, tiny_llama):
+    client, rt = service()
+    prompt = "hello there"
+    current = tiny_llama.generate([prompt], max_new_tokens=2, mode="completion")[0].text.strip()
+    r = create(client, {"prompt": prompt, "target": current, "config": FAST})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "target_already_holds"
+    assert count_rows(rt) == {}
+
+
+def test_training_failure_leaves_nothing(service, monkeypatch):
+    client, rt = service()
+    from app.methods import get
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(get("pnp")), "fit", broken)
+    r = create(client)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "training_failed"
+    assert count_rows(rt) == {} and len(rt.selector) == 0 and rt.memory.all() == []
+
+
+def test_redis_failure_midway_leaves_nothing(service):
+    client, rt = service(redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    r = create(client)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "memory_unavailable"
+    assert count_rows(rt) == {} and len(rt.selector) == 0
+
+
+def test_database_failure_midway_leaves_no_key(service, monkeypatch):
+    client, rt = service()
+    from sqlalchemy.exc import OperationalError
+
+    from app.store import AuditRepo
+
+    def down(*a, **k):
+        raise OperationalError("INSERT", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(AuditRepo, "record", down)
+    r = create(client)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
+    assert count_rows(rt) == {} and rt.memory.all() == [] and len(rt.selector) == 0
+
+
+def test_restart_and_redis_flush_lose_nothing(service, tiny_llama):
+    client, rt = service()
+    edit = create(client).json()
+    edited = answer(client, EDIT["prompt"])
+    rt.close()
+
+    client2, rt2 = service()  # a new process on the same database and Redis
+    assert answer(client2, EDIT["prompt"])["answer"] == edited["answer"]
+
+    import redis
+
+    r = redis.Redis.from_url(rt2.settings.redis_url)
+    r.delete(*r.keys(f"{rt2.settings.redis_prefix}:*"))  # Redis lost everything
+    assert rt2.memory.version() is None
+    rt2.sync.ensure()  # what the periodic check does
+    assert [k.edit_id for k in rt2.memory.all()] == [edit["id"]]
+    assert answer(client2, EDIT["prompt"])["edit_id"] == edit["id"]
+
+
+def test_replicas_share_edits_through_redis(service):
+    a, rt_a = service()
+    b, rt_b = service()
+    edit = create(a).json()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and edit["id"] not in rt_b.selector:
+        time.sleep(0.1)
+    assert answer(b, EDIT["prompt"])["edit_id"] == edit["id"]
+    a.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and edit["id"] in rt_b.selector:
+        time.sleep(0.1)
+    assert answer(b, EDIT["prompt"])["edit_id"] is None
+
+
+def test_concurrent_answers_never_mix_deltas(service):
+    client, _ = service()
+    create(client)
+    expected = {q: answer(client, q)["answer"] for q in (EDIT["prompt"], UNRELATED)}
+    errors: list[str] = []
+
+    def worker(i: int):
+        for k in range(4):
+            q = EDIT["prompt"] if (i + k) % 2 else UNRELATED
+            got = answer(client, q)["answer"]
+            if got != expected[q]:
+                errors.append(f"{q!r}: {got!r} != {expected[q]!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
