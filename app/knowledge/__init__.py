@@ -1,0 +1,14 @@
+"""Factual knowledge of the base model: relation templates, facts, CKA detection.
+
+The API calls :func:`app.knowledge.cka.assess`; input problems raise
+:class:`app.knowledge.templates.KnowledgeError` (a ``ValueError`` with a stable ``code``).
+"""
+
+from app.knowledge.cka import MAX_FACTS, Assessment, assess, auroc
+from app.knowledge.facts import Fact, fact_from_dict, load_facts, resolve
+from app.knowledge.templates import KnowledgeError, RelationTemplates, TemplateSplit, load_relations, split_templates
+
+__all__ = [
+    "MAX_FACTS", "Assessment", "Fact", "KnowledgeError", "RelationTemplates", "TemplateSplit", "assess", "auroc",
+    "fact_from_dict", "load_facts", "load_relations", "resolve", "split_templates",
+]
