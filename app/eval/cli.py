@@ -77,6 +77,8 @@ def eval_command(
     shuffle: bool = typer.Option(False, "--shuffle", help="Edit a seeded sample instead of the first n records."),
     curve_every: Optional[int] = typer.Option(None, "--curve-every", min=1, help="Curve point every k edits."),
     held: int = typer.Option(50, "--held", min=0, help="Largest held set for performance deterioration."),
+    latency_probe: int = typer.Option(5, "--latency-probe", min=0,
+                                      help="Single-query answers timed before and after the edits."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Output folder."),
     url: Optional[str] = typer.Option(None, "--url", help="Drive a running service over HTTP instead of in-process."),
     key: Optional[str] = typer.Option(None, "--key", envvar="FACTPATCH_EVAL_KEY", help="Admin API key for --url."),
@@ -96,7 +98,8 @@ def eval_command(
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--file") from None
     cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
-                     seed=seed, shuffle=shuffle, curve_every=curve_every, held=held)
+                     seed=seed, shuffle=shuffle, curve_every=curve_every, held=held,
+                     latency_probe=latency_probe)
     out = out or DEFAULT_RESULTS / f"eval-{dataset.value}-{method}-n{n}-{'seq' if sequential else 'ind'}"
     console = Console(stderr=True)
     console.print(f"{ds.name}: {len(ds.cases)} usable records, {ds.skipped} skipped {dict(ds.skip_reasons) or ''}")
