@@ -208,3 +208,25 @@ def test_concurrent_answers_never_mix_deltas(service):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_failed_revert_changes_nothing(service, monkeypatch):
+    client, rt = service()
+    edit = create(client).json()
+    from sqlalchemy.exc import OperationalError
+
+    from app.store import AuditRepo
+
+    real = AuditRepo.record
+
+    def flaky(self, **kw):
+        if kw.get("action") == "edit.revert":
+            raise OperationalError("INSERT", {}, Exception("connection lost"))
+        return real(self, **kw)
+
+    monkeypatch.setattr(AuditRepo, "record", flaky)
+    r = client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
+    assert client.get(f"/edits/{edit['id']}", headers=auth(READER)).json()["status"] == "active"
+    assert [k.edit_id for k in rt.memory.all()] == [edit["id"]]
+    assert answer(client, EDIT["prompt"])["edit_id"] == edit["id"]

@@ -25,7 +25,7 @@ from app.lm.engine import LM
 from app.methods import base as methods
 from app.services.answers import AnswerService
 from app.services.deltas import DeltaCache
-from app.services.memory_sync import MemorySync
+from app.services.memory_sync import MemorySync, stored_from_edit
 from app.store import AuditRepo, Database, EditRepo
 from app.store.models import Edit
 
@@ -248,6 +248,16 @@ class EditService:
             self.selector.remove(superseded.id)
             self.deltas.drop(superseded.id)
 
+    def _undo_revert_memory(self, changed: list[tuple[str, object]]) -> None:
+        try:
+            for what, item in reversed(changed):
+                if what == "deleted" and item is not None:
+                    self.sync.memory.put(item)
+                elif what == "added":
+                    self.sync.memory.delete(item)
+        except Exception:  # noqa: BLE001 - the periodic check rebuilds from the database
+            log.warning("could not undo the selector memory change; it will be rebuilt from the database")
+
     def _undo_memory(self, written: bool, new_id: str, old_stored) -> None:
         if not written:
             return
@@ -269,6 +279,8 @@ class EditService:
                 return edit
             was_active = edit.status == "active"
             reinstated: Edit | None = None
+            removed_stored = self.sync.memory.get(edit_id) if was_active else None
+            changed: list[tuple[str, object]] = []  # memory changes to undo if the transaction fails
             try:
                 with self.db.transaction() as s:
                     repo, audit = EditRepo(s), AuditRepo(s)
@@ -285,16 +297,18 @@ class EditService:
                             reinstated = older
                     if was_active:
                         self.sync.note_local_version(self.sync.memory.delete(row.id))
+                        changed.append(("deleted", removed_stored))
                     if reinstated is not None:
-                        from app.selector.memory import StoredKeys
-
-                        keys = reinstated.keys
-                        stored = StoredKeys(reinstated.id, keys.encoder, list(keys.texts), reinstated.subject, keys.vectors)
-                        self.sync.note_local_version(self.sync.memory.put(stored))
+                        self.sync.note_local_version(self.sync.memory.put(stored_from_edit(reinstated)))
+                        changed.append(("added", reinstated.id))
             except Exception as exc:
+                self._undo_revert_memory(changed)
                 if _is_redis_error(exc):
                     raise Unavailable("the selector memory (Redis) is unavailable; nothing was reverted",
                                       code="memory_unavailable") from exc
+                if _is_db_error(exc):
+                    raise Unavailable("the database is unavailable; nothing was reverted",
+                                      code="database_unavailable") from exc
                 raise
             self.selector.remove(edit_id)
             self.deltas.drop(edit_id)

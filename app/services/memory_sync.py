@@ -25,6 +25,12 @@ def vectors_from_bytes(data: bytes) -> np.ndarray:
     return np_load(data)["keys"]
 
 
+def stored_from_edit(edit) -> StoredKeys:
+    """The memory record of an edit row loaded with its keys."""
+    keys = edit.keys
+    return StoredKeys(edit.id, keys.encoder, list(keys.texts), edit.subject, keys.vectors)
+
+
 class MemorySync:
     def __init__(self, db: Database, memory: KeyMemory, selector, poll_seconds: float = 2.0):
         self.db = db
@@ -68,11 +74,7 @@ class MemorySync:
     def rebuild_from_database(self) -> int:
         """Write every active edit's keys from the database into the memory, then reload the mirror."""
         with self.db.session() as s:
-            stored = [
-                StoredKeys(e.id, e.keys.encoder, list(e.keys.texts), e.subject, e.keys.vectors)
-                for e in EditRepo(s).active_with_keys()
-                if e.keys is not None
-            ]
+            stored = [stored_from_edit(e) for e in EditRepo(s).active_with_keys() if e.keys is not None]
         encoder = self.selector.encoder.name
         stale = [r.edit_id for r in stored if r.encoder != encoder]
         if stale:
@@ -88,11 +90,7 @@ class MemorySync:
     def load_mirror_from_database(self) -> None:
         """Fill the in-process mirror straight from the database (the shared memory is unreachable)."""
         with self.db.session() as s:
-            records = [
-                self.to_record(StoredKeys(e.id, e.keys.encoder, list(e.keys.texts), e.subject, e.keys.vectors))
-                for e in EditRepo(s).active_with_keys()
-                if e.keys is not None
-            ]
+            records = [self.to_record(stored_from_edit(e)) for e in EditRepo(s).active_with_keys() if e.keys is not None]
         with self._lock:
             self.selector.replace_all(records)
             self._local_version = None
