@@ -106,3 +106,66 @@ def test_small_real_run_writes_files_with_numbers_in_range(tmp_path):
     assert data["timing"]["answer_ms_base"]["n"] == 1
     md = (out / "report.md").read_text()
     assert "reliability (greedy EM)" in md and data["dataset"]["sha256"] in md
+
+
+# -- bench parts that need no model ----------------------------------------------------------------
+def test_bench_selector_lookup_points(tmp_path):
+    pytest.importorskip("app.selector.router")
+    from app.eval.bench import BenchConfig, bench_selector
+
+    cfg = BenchConfig(keys=[100, 400], lookups=20, repeats=2, encoder_timing=False)
+    res = bench_selector(cfg)
+    assert [(p["keys"], p["rule"]) for p in res["points"]] == [
+        (100, "subject"), (100, "similarity"), (400, "subject"), (400, "similarity")]
+    for p in res["points"]:
+        assert p["lookup_ms"]["n"] == 2 and 0 < p["lookup_ms"]["min"] <= p["lookup_ms"]["median"]
+    assert res["peak_rss_mib"] > 0
+
+
+def test_load_run_counts_latencies_and_errors():
+    import http.server
+    import threading
+
+    from app.eval.bench import load_run
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # every third query fails
+            bad = "fail" in self.path
+            self.send_response(500 if bad else 200)
+            self.end_headers()
+            self.wfile.write(b'{"answer": "x"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        res = load_run(url, "k", ["a", "b", "fail"], clients=3, requests=12, seconds=30, max_new_tokens=2)
+    finally:
+        server.shutdown()
+    assert res["sent"] == 12 and res["ok"] == 8 and res["errors"] == 4
+    assert res["error_kinds"] == ["HTTP 500"]
+    assert res["p50"] <= res["p95"] <= res["p99"]
+
+
+def test_bench_report_files(tmp_path):
+    from app.eval.report import environment, write_bench
+
+    s = {"n": 2, "median": 10.0, "min": 9.0, "max": 11.0, "iqr": 1.0}
+    results = {
+        "kind": "bench", "model_id": "m", "env": environment(["bench"]), "elapsed_s": 1.0, "peak_rss_mib": 100.0,
+        "config": {"repeats": 2, "max_new_tokens": 4, "prompts": 2},
+        "answer": {"synthetic": "selector-only", "points": [
+            {"edits": 0, "served_ms": s, "plain_ms": s, "ratio": s, "served_rps": s, "same_text": 1.0},
+            {"edits": 100, "skipped": "no importer"}]},
+        "selector": {"encode_ms": s, "points": [{"rule": "subject", "keys": 1000, "edits": 500, "lookup_ms": s,
+                                                  "lookup_p95_ms": 0.2, "build_ms": 3.0}]},
+        "edits": {"pnp": {"edit_wall_ms": s, "fit_ms": s, "errors": []}},
+        "load": {"skipped": "--requests 0"},
+    }
+    files = write_bench(results, tmp_path)
+    assert set(files) == {"json", "md", "png"} and all(p.stat().st_size > 0 for p in files.values())
+    md = files["md"].read_text()
+    assert "| 0 | 10.0 (9.0..11.0)" in md and "no importer" in md and "load: skipped" in md

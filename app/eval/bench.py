@@ -82,6 +82,7 @@ class BenchConfig(BaseModel):
     keys: list[int] = Field(default=[1000, 10000, 100000], description="Selector memory sizes (keys).")
     keys_per_edit: int = Field(default=2, ge=1, description="Synthetic keys per synthetic edit.")
     lookups: int = Field(default=200, ge=1, description="Lookups timed per memory size and repeat.")
+    encoder_timing: bool = Field(default=True, description="Also time the selector's query embedding.")
     methods: list[str] | None = Field(default=None, description="Methods to time (default: all registered).")
     edits_per_method: int = Field(default=3, ge=1, description="Edits timed per method.")
     clients: int = Field(default=4, ge=1, description="Concurrent clients in the load run.")
@@ -133,6 +134,25 @@ class _FixedEncoder:
         raise RuntimeError("not used")
 
 
+def _encoder_timing(cfg: BenchConfig, console=None) -> tuple[int, list[float]]:
+    """Width of the sentence encoder and its per-query embedding time, one figure per repeat."""
+    times: list[float] = []
+    try:
+        from app.selector.encoders import build_encoder
+
+        enc = build_encoder("minilm", None)
+        enc.encode(["warm up"])
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            for q in PROMPTS:
+                enc.encode([q])
+            times.append(_ms(t0) / len(PROMPTS))
+        return enc.dim, times
+    except Exception as exc:  # noqa: BLE001 - the lookup timing does not need it
+        _log(console, f"[yellow]selector encoder timing skipped: {exc}[/]")
+        return 384, times
+
+
 def bench_selector(cfg: BenchConfig, console=None) -> dict[str, Any]:
     """Lookup time (after embedding) vs memory size, for both routing rules; and encode time."""
     try:
@@ -141,19 +161,8 @@ def bench_selector(cfg: BenchConfig, console=None) -> dict[str, Any]:
         return {"skipped": f"app.selector.router is not available ({exc})"}
     encode_ms: list[float] = []
     dim = 384
-    try:
-        from app.selector.encoders import build_encoder
-
-        enc = build_encoder("minilm", None)
-        dim = enc.dim
-        enc.encode(["warm up"])
-        for r in range(cfg.repeats):
-            t0 = time.perf_counter()
-            for q in PROMPTS:
-                enc.encode([q])
-            encode_ms.append(_ms(t0) / len(PROMPTS))
-    except Exception as exc:  # noqa: BLE001 - the lookup timing does not need it
-        _log(console, f"[yellow]selector encoder timing skipped: {exc}[/]")
+    if cfg.encoder_timing:
+        dim, encode_ms = _encoder_timing(cfg, console)
     rng = np.random.default_rng(cfg.seed + 1)
     rules = {"subject": 1.01, "similarity": DEFAULT_THRESHOLD}
     points = []
