@@ -230,3 +230,13 @@ def test_failed_revert_changes_nothing(service, monkeypatch):
     assert client.get(f"/edits/{edit['id']}", headers=auth(READER)).json()["status"] == "active"
     assert [k.edit_id for k in rt.memory.all()] == [edit["id"]]
     assert answer(client, EDIT["prompt"])["edit_id"] == edit["id"]
+
+
+def test_synthetic_edits_route_like_real_ones(service):
+    from app.services.synthetic import import_synthetic, synthetic_case
+
+    client, rt = service()
+    ids = import_synthetic(rt, 5, seed=1)
+    assert len(ids) == 5 and count_rows(rt) == {"active": 5}
+    assert answer(client, synthetic_case(3)[0])["edit_id"] == ids[3]
+    assert answer(client, UNRELATED)["edit_id"] is None
