@@ -43,6 +43,14 @@ def _command_line(name: str) -> list[str]:
     return argv[argv.index(name) :] if name in argv else [name, "..."]
 
 
+def _quiet_http_logs() -> None:
+    """Per-request client logs would drown the progress bar."""
+    import logging
+
+    for name in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _threads(n: int | None) -> None:
     if n:
         import torch
@@ -106,6 +114,7 @@ def eval_command(
     if n > len(ds.cases):
         console.print(f"[yellow]only {len(ds.cases)} usable records: editing all of them[/]")
     _threads(threads)
+    _quiet_http_logs()
     backend, where = make_backend(url, key, model)
     try:
         with _progress() as bar:
@@ -166,6 +175,7 @@ def bench_command(
         model=model, seed=seed,
     )
     _threads(threads)
+    _quiet_http_logs()
     console = Console(stderr=True)
     env = environment(_command_line("bench"))
     run_bench(cfg, out, env, console)
