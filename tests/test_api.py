@@ -138,3 +138,17 @@ def test_first_start_writes_admin_key_file(tmp_path, pg_url, schema):
     key = path.read_text().strip()
     assert KeyService(db).verify(key).role == "admin"
     assert KeyService(db).bootstrap(settings) is None  # only once
+
+
+def test_sampling_on_request_is_reproducible_under_a_seed(service):
+    client, _ = service()
+
+    def ask(seed):
+        params = {"q": "hello", "max_new_tokens": 6, "mode": "completion", "do_sample": "true", "seed": seed,
+                  "temperature": 1.5}
+        return client.get("/answer", params=params, headers=auth(READER)).json()["answer"]
+
+    assert ask(1) == ask(1)
+    assert len({ask(s) for s in range(2, 6)}) > 1  # different seeds explore different continuations
+    r = client.get("/answer", params={"q": "hi", "temperature": 0}, headers=auth(READER))
+    assert r.status_code == 422

@@ -37,7 +37,16 @@ class AnswerOut(BaseModel):
     latency_ms: float
 
 
-class AnswerBatchIn(Strict):
+class Sampling(Strict):
+    """Greedy by default, so answers are reproducible; sampling only when asked for."""
+
+    do_sample: bool = Field(default=False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(default=1.0, gt=0.0, le=5.0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Seed for reproducible sampling.")
+
+
+class AnswerBatchIn(Sampling):
     queries: list[str] = Field(min_length=1, description="Queries to answer, each routed on its own.")
     max_new_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate per query.")
     mode: Mode | None = None

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import deps
-from app.api.schemas import AnswerBatchIn, AnswerBatchOut, AnswerOut, Mode, ScoreBatchOut, ScoreIn, ScoreOut
+from app.api.schemas import Sampling, AnswerBatchIn, AnswerBatchOut, AnswerOut, Mode, ScoreBatchOut, ScoreIn, ScoreOut
 from app.errors import Unprocessable
 from app.runtime import Runtime
 
@@ -29,13 +29,14 @@ async def answer_one(
     q: str = Query(min_length=1, max_length=2000, description="The query."),
     max_new_tokens: int | None = Query(default=None, description="Tokens to generate."),
     mode: Mode | None = Query(default=None, description="`chat` or `completion`; default chat when the model has a template."),
+    sampling: Sampling = Depends(),
     rt: Runtime = Depends(deps.runtime),
     _=Depends(deps.reader_or_public),
 ) -> AnswerOut:
     if not q.strip() or len(q) > rt.settings.max_query_chars:
         raise Unprocessable(f"q must be 1..{rt.settings.max_query_chars} characters, not blank", code="invalid_request")
     n, m = _max_tokens(rt, max_new_tokens), _mode(rt, mode)
-    [a] = await run_in_threadpool(rt.answers.answer, [q], max_new_tokens=n, mode=m)
+    [a] = await run_in_threadpool(rt.answers.answer, [q], max_new_tokens=n, mode=m, **sampling.model_dump())
     return AnswerOut(**a.__dict__)
 
 
@@ -44,7 +45,10 @@ async def answer_many(
     body: AnswerBatchIn, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader_or_public)
 ) -> AnswerBatchOut:
     n, m = _max_tokens(rt, body.max_new_tokens), _mode(rt, body.mode)
-    results = await run_in_threadpool(rt.answers.answer, body.queries, max_new_tokens=n, mode=m)
+    results = await run_in_threadpool(
+        rt.answers.answer, body.queries, max_new_tokens=n, mode=m,
+        **body.model_dump(include={"do_sample", "temperature", "top_p", "seed"}),
+    )
     return AnswerBatchOut(results=[AnswerOut(**a.__dict__) for a in results])
 
 
