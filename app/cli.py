@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import logging
 from typing import Optional
 
 import typer
@@ -89,15 +87,20 @@ def show_config(markdown: bool = typer.Option(False, help="Print a Markdown tabl
     console.print(table)
 
 
-# Measurement commands live beside their code; each module exposes ``register(app)``.
-for _module in ("app.eval.cli", "app.cli_detect", "app.cli_calibrate"):
-    try:
-        importlib.import_module(_module).register(app)
-    except ModuleNotFoundError as exc:
-        if exc.name != _module:
-            raise
-    except AttributeError:
-        logging.getLogger(__name__).debug("%s has no register()", _module)
+# Measurement commands live beside their code.
+def _register_measurements() -> None:
+    from app.cli_calibrate import calibrate_cmd
+    from app.cli_detect import detect
+    from app.eval.cli import register
+
+    register(app)
+    app.command("detect", help="CKA against raw probability and rank-based assessment on true vs corrupted facts.")(detect)
+    app.command("calibrate", help="CaliNet on facts the model gets wrong: false rate, EM/F1, perplexity before and after.")(
+        calibrate_cmd
+    )
+
+
+_register_measurements()
 
 
 if __name__ == "__main__":
