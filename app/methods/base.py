@@ -51,6 +51,8 @@ ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
 class Method(Generic[C]):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    # False for methods that take a batch of facts (served by /calibrations), not one edit.
+    accepts_edits: ClassVar[bool] = True
 
     def parse_config(self, raw: dict[str, Any] | None) -> C:
         return self.config_class.model_validate(raw or {})  # raises ValidationError
@@ -83,9 +85,9 @@ def get(name: str) -> Method:
         raise UnknownMethod(name) from None
 
 
-def names() -> list[str]:
+def names(*, edits_only: bool = False) -> list[str]:
     _load_builtin()
-    return sorted(_REGISTRY)
+    return sorted(n for n, m in _REGISTRY.items() if m.accepts_edits or not edits_only)
 
 
 def _load_builtin() -> None:

@@ -92,9 +92,12 @@ class EditService:
         try:
             method = methods.get(req.method)
         except methods.UnknownMethod:
+            method = None
+        if method is None or not method.accepts_edits:
             raise Unprocessable(
-                f"unknown method {req.method!r}; known: {', '.join(methods.names())}", code="unknown_method"
-            ) from None
+                f"unknown edit method {req.method!r}; known: {', '.join(methods.names(edits_only=True))}",
+                code="unknown_method",
+            )
         try:
             config = method.parse_config(req.config)
         except methods.ValidationError as exc:
