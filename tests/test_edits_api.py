@@ -99,6 +99,7 @@ def test_idempotency_key_returns_the_same_edit(service):
         ({**EDIT, "paraphrases": "not a list"}, 422, "invalid_request"),
         ({**EDIT, "extra": 1}, 422, "invalid_request"),
         ({**EDIT, "method": "nope"}, 422, "unknown_method"),
+        ({**EDIT, "method": "calinet"}, 422, "unknown_method"),
         ({**EDIT, "config": {"no_such_knob": 1}}, 422, "invalid_config"),
         ({**EDIT, "config": {"rank": 0}}, 422, "invalid_config"),
     ],
