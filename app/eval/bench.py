@@ -216,18 +216,56 @@ def plain_generate_fn(settings) -> Callable[[str, int], str]:
     return generate
 
 
+def _importer(rt) -> Callable[[int, int], Any] | None:
+    """The service's own synthetic-edit importer, when it has one."""
+    try:
+        from app.services.synthetic import import_synthetic
+    except ImportError:
+        legacy = getattr(getattr(rt, "edits", None), "import_synthetic", None)
+        return (lambda n, seed: legacy(n, seed=seed)) if legacy else None
+    return lambda n, seed: import_synthetic(rt, n, seed=seed)
+
+
 def set_active_edits(rt, n: int, seed: int, already: int = 0) -> str:
     """Make ``n`` synthetic edits active (``already`` of them exist); returns how it was done:
-    the runtime's importer when it has one (real edits), else keys in the selector mirror only."""
-    importer = getattr(getattr(rt, "edits", None), "import_synthetic", None)
+    the service's importer when it has one (real rows, keys and deltas), else keys in the
+    selector mirror only."""
+    importer = _importer(rt)
     if importer is not None:
         if n > already:
-            importer(n - already, seed=seed + already)
-        return "runtime.edits.import_synthetic"
+            importer(n - already, seed + already)
+        return "app.services.synthetic.import_synthetic (rows, keys and random pnp-shaped deltas)"
     sel = rt.selector
     real = [r for eid, r in getattr(sel, "_records", {}).items() if not eid.startswith("syn-")]
     sel.replace_all(real + (synthetic_records(2 * n, sel.encoder.dim, 2, seed) if n else []))
     return "selector-only synthetic keys (no delta, no database row)"
+
+
+def edited_prompts(n_active: int, k: int) -> list[str]:
+    """Prompts of ``k`` synthetic edits spread over the ``n_active`` ones (they route to an edit)."""
+    try:
+        from app.services.synthetic import synthetic_case
+    except ImportError:
+        return []
+    if n_active <= 0:
+        return []
+    step = max(1, n_active // k)
+    return [synthetic_case(i)[0] for i in range(0, n_active, step)][:k]
+
+
+def _time_queries(backend, plain, queries, params, max_new_tokens) -> tuple[float, float, list[bool], int]:
+    """Mean served and plain ms per query, whether the texts agree, and how many were routed."""
+    s_ms, p_ms, same, routed = [], [], [], 0
+    for q in queries:
+        t0 = time.perf_counter()
+        body = backend.request("GET", "/answer", params={"q": q, **params})
+        s_ms.append(_ms(t0))
+        t0 = time.perf_counter()
+        text = plain(q, max_new_tokens)
+        p_ms.append(_ms(t0))
+        same.append(body["answer"].strip() == text)
+        routed += body.get("edit_id") is not None
+    return statistics.mean(s_ms), statistics.mean(p_ms), same, routed
 
 
 def bench_answer(cfg: BenchConfig, backend, console=None) -> dict[str, Any]:
@@ -243,32 +281,34 @@ def bench_answer(cfg: BenchConfig, backend, console=None) -> dict[str, Any]:
     how, already = None, 0
     for n in sorted(cfg.edits):
         try:
+            t0 = time.perf_counter()
             how = set_active_edits(rt, n, cfg.seed, already)
+            import_s = time.perf_counter() - t0
             already = n
         except Exception as exc:  # noqa: BLE001 - report and go on with the other points
             points.append({"edits": n, "skipped": f"could not create {n} synthetic edits: {exc}"})
             _log(console, f"[yellow]/answer with {n} edits skipped: {exc}[/]")
             continue
-        served, base, ratios, same, routed = [], [], [], [], 0
+        served, base, same, routed = [], [], [], 0
+        hit_served, hit_plain, hit_routed = [], [], 0
+        hits = edited_prompts(n, cfg.prompts) if how.startswith("app.services") else []
         for _ in range(cfg.repeats):
-            s_ms, p_ms = [], []
-            for q in prompts:
-                t0 = time.perf_counter()
-                body = backend.request("GET", "/answer", params={"q": q, **params})
-                s_ms.append(_ms(t0))
-                t0 = time.perf_counter()
-                text = plain(q, cfg.max_new_tokens)
-                p_ms.append(_ms(t0))
-                same.append(body["answer"].strip() == text)
-                routed += body.get("edit_id") is not None
-            served.append(statistics.mean(s_ms))
-            base.append(statistics.mean(p_ms))
-            ratios.append(served[-1] / base[-1])
+            s_ms, p_ms, agree, r = _time_queries(backend, plain, prompts, params, cfg.max_new_tokens)
+            served.append(s_ms), base.append(p_ms), same.extend(agree)
+            routed += r
+            if hits:
+                s_ms, p_ms, _, r = _time_queries(backend, plain, hits, params, cfg.max_new_tokens)
+                hit_served.append(s_ms), hit_plain.append(p_ms)
+                hit_routed += r
         points.append({
             "edits": n, "active_keys": len(rt.selector), "served_ms": M.spread(served), "plain_ms": M.spread(base),
-            "ratio": M.spread(ratios), "served_rps": M.spread([1000.0 / s for s in served]),
-            "plain_rps": M.spread([1000.0 / p for p in base]), "same_text": sum(same) / len(same),
-            "routed": routed, "peak_rss_mib": peak_rss_mib(),
+            "ratio": M.spread([s / p for s, p in zip(served, base)]),
+            "served_rps": M.spread([1000.0 / s for s in served]), "plain_rps": M.spread([1000.0 / p for p in base]),
+            "same_text": sum(same) / len(same), "routed": routed,
+            "edited_served_ms": M.spread(hit_served), "edited_plain_ms": M.spread(hit_plain),
+            "edited_ratio": M.spread([s / p for s, p in zip(hit_served, hit_plain)]),
+            "edited_routed": hit_routed / (len(hits) * cfg.repeats) if hits else None,
+            "import_s": import_s, "peak_rss_mib": peak_rss_mib(),
         })
         _log(console, f"/answer with {n:>6d} edits: served {points[-1]['served_ms']['median']:.1f} ms, "
                       f"plain {points[-1]['plain_ms']['median']:.1f} ms, ratio {points[-1]['ratio']['median']:.3f}")

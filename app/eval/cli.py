@@ -132,7 +132,7 @@ def eval_command(
     data["backend"] = where
     data["env"] = environment(_command_line("eval"))
     files = write_eval(data, out)
-    print_eval(data, Console())
+    print_eval(data)
     console.print("wrote " + ", ".join(str(p) for p in files.values()))
 
 

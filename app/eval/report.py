@@ -170,16 +170,19 @@ def plot_curves(curves: list[dict[str, Any]], path: Path, title: str) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     xs = [p["edits"] for p in curves]
-    for key, label in CURVE_SERIES:
+    styles = [("o", "-", 9), ("s", "--", 7.5), ("^", "-.", 6), ("D", ":", 4.5), ("v", "-", 3)]
+    for (key, label), (marker, line, size) in zip(CURVE_SERIES, styles):
         ys = [p.get(key) for p in curves]
         if any(y is not None for y in ys):
-            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+            # Distinct markers and sizes keep series visible where they coincide (often at 1.0).
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker=marker, linestyle=line,
+                    markersize=size, label=label)
     ax.set_xlabel("edits applied (all kept active)")
     ax.set_ylabel("score on the cases edited so far")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -213,10 +216,18 @@ def rich_table(header: list[str], rows: list[list[str]], title: str):
     return table
 
 
-def print_eval(results: dict[str, Any], console=None) -> None:
+def _console(console=None):
+    """The given console, or stdout wide enough for the table even when it is not a terminal."""
     from rich.console import Console
 
-    console = console or Console()
+    if console is not None:
+        return console
+    c = Console()
+    return c if c.is_terminal else Console(width=200)
+
+
+def print_eval(results: dict[str, Any], console=None) -> None:
+    console = _console(console)
     header, rows = table_rows(results)
     header = [SHORT_LABELS.get(h, h) for h in header]
     console.print(rich_table(header, rows, f"{results['config']['method']} on {results['dataset']['name']} "
@@ -238,12 +249,15 @@ def bench_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[lis
         rows = []
         for p in ans["points"]:
             if "skipped" in p:
-                rows.append([str(p["edits"]), p["skipped"], "", "", "", ""])
+                rows.append([str(p["edits"]), p["skipped"]] + [""] * 7)
                 continue
             rows.append([str(p["edits"]), _med(p["served_ms"]), _med(p["plain_ms"]), _med(p["ratio"], 3),
-                         _med(p["served_rps"], 2), _num(p["same_text"], 2)])
-        tables.append(("/answer vs plain transformers generate (per query)",
-                       ["active edits", "served ms", "plain ms", "ratio", "served req/s", "same text"], rows))
+                         _med(p["served_rps"], 2), _num(p["same_text"], 2), _med(p.get("edited_served_ms")),
+                         _med(p.get("edited_ratio"), 3), _num(p.get("edited_routed"), 2)])
+        tables.append(("/answer vs plain transformers generate (per query; unrelated prompts, then prompts of "
+                       "active edits)",
+                       ["active edits", "served ms", "plain ms", "ratio", "served req/s", "same text",
+                        "edited-query ms", "edited ratio", "edited routed"], rows))
     sel = results.get("selector") or {}
     if sel.get("points"):
         rows = [[p["rule"], str(p["keys"]), str(p["edits"]), _med(p["lookup_ms"], 3), _num(p["lookup_p95_ms"], 3),
@@ -351,9 +365,7 @@ def write_bench(results: dict[str, Any], out: Path) -> dict[str, Path]:
 
 
 def print_bench(results: dict[str, Any], console=None) -> None:
-    from rich.console import Console
-
-    console = console or Console()
+    console = _console(console)
     for title, header, rows in bench_tables(results):
         console.print(rich_table(header, rows, title))
 
