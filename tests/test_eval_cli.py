@@ -169,3 +169,60 @@ def test_bench_report_files(tmp_path):
     assert set(files) == {"json", "md", "png"} and all(p.stat().st_size > 0 for p in files.values())
     md = files["md"].read_text()
     assert "| 0 | 10.0 (9.0..11.0)" in md and "no importer" in md and "load: skipped" in md
+
+
+# -- the HTTP backend against a mock transport ---------------------------------------------------------
+def test_api_backend_speaks_the_contract():
+    import httpx
+
+    from app.eval.backends import ApiBackend, BackendError
+    from app.eval.datasets import EditCase
+
+    seen: list[tuple[str, str, dict | None, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, request.url.path, body, request.headers.get("authorization")))
+        path = request.url.path
+        if path == "/edits" and request.method == "POST":
+            if body["target"] == "bad":
+                return httpx.Response(422, json={"error": {"code": "target_already_holds", "message": "no-op"}})
+            return httpx.Response(201, json={"id": "e1", "status": "active", "metrics": {"train_ms": 12.5}})
+        if path == "/score":
+            return httpx.Response(200, json={"results": [
+                {"logprob": -1.0, "token_accuracy": 0.5, "all_correct": False, "edit_id": None, "similarity": None}
+                for _ in body["items"]]})
+        if path == "/answer":
+            return httpx.Response(200, json={"results": [
+                {"answer": q.upper(), "edit_id": "e1", "similarity": 0.9, "model": "m", "latency_ms": 3.0}
+                for q in body["queries"]]})
+        if path == "/edits" and request.method == "GET":
+            page = request.url.params.get("cursor")
+            return httpx.Response(200, json={"items": [{"id": "b"}] if page else [{"id": "a"}],
+                                             "next_cursor": None if page else "c2"})
+        if path == "/health":
+            return httpx.Response(200, json={"status": "ok", "model": "tiny"})
+        if path == "/admin/edits/e1/revert":
+            return httpx.Response(200, json={"id": "e1", "status": "reverted"})
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": path}})
+
+    client = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://svc")
+    b = ApiBackend(client, "k3y", batch=2)
+    case = EditCase("1", "P is", "T", "P", "old", "paraphrase of P", "unrelated", "u")
+    out = b.edit(case, "pnp", {"max_steps": 3})
+    assert (out.id, out.fit_ms) == ("e1", 12.5) and out.wall_ms >= 0
+    method, path, body, auth = seen[-1]
+    assert body == {"prompt": "P is", "target": "T", "subject": "P", "method": "pnp", "config": {"max_steps": 3}}
+    assert auth == "Bearer k3y"
+    with pytest.raises(BackendError) as err:
+        b.edit(EditCase("2", "Q is", "bad"), "pnp")
+    assert err.value.status == 422 and err.value.code == "target_already_holds"
+    scores = b.score([("a", "b")] * 5, "completion")
+    assert len(scores) == 5 and scores[0].token_accuracy == 0.5
+    assert sum(1 for s in seen if s[1] == "/score") == 3  # chunked by the batch size
+    answers = b.answer(["x", "y", "z"], "completion", 4)
+    assert [a.answer for a in answers] == ["X", "Y", "Z"] and answers[0].edit_id == "e1"
+    assert b.active_edit_ids() == ["a", "b"]
+    assert b.model_id() == "tiny"
+    b.revert("e1")
+    assert seen[-1][:2] == ("POST", "/admin/edits/e1/revert")
