@@ -10,7 +10,7 @@ from app.delta import Delta
 from app.lm.arch import linear_dims
 from app.methods import EditRequest, get
 from app.methods.base import ValidationError
-from app.methods.pnp.method import adapted_modules, build_groups, init_delta
+from app.methods.pnp.method import TailForward, adapted_modules, build_groups, init_delta, kept_logits
 
 PROMPT, TARGET = "The capital of Freedonia is", "Paris"
 CONFIG = {"lr": 0.05, "max_steps": 150, "min_prob": 0.0, "layers": 2}
@@ -123,3 +123,17 @@ def test_empty_target_is_an_error(lm):
     method = get("pnp")
     with pytest.raises(ValueError):
         method.fit(lm, EditRequest(PROMPT, "  "), method.parse_config({}))
+
+
+def test_cached_tail_forward_matches_a_full_forward_with_the_delta_active(lm, fitted):
+    delta = fitted[0].delta
+    groups, _, _ = build_groups(lm, EditRequest(PROMPT, TARGET, paraphrases=["Freedonia has the capital"]),
+                                get("pnp").parse_config({}))
+    start = lm.arch.middle_layers(2)[0]
+    with torch.no_grad(), lm.active([delta]):
+        for group in groups:
+            tail = TailForward(lm, group, start)
+            first, replay, full = tail(), tail(), kept_logits(lm, group)
+            assert not tail._full_only  # the replay was verified and is in use
+            assert torch.allclose(first, full, atol=1e-4)
+            assert torch.allclose(replay, full, atol=1e-4)

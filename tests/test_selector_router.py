@@ -31,8 +31,10 @@ class BagOfWords:
         return l2_normalise(np.array(rows, dtype=np.float32))
 
 
-def make(threshold=0.5, open_threshold=1.01, **kw) -> Selector:
-    return Selector(BagOfWords(), threshold, open_threshold=open_threshold, **kw)
+def make(threshold=0.5, unnamed_threshold=1.01, subjectless_threshold=0.8, **kw) -> Selector:
+    return Selector(
+        BagOfWords(), threshold, unnamed_threshold=unnamed_threshold, subjectless_threshold=subjectless_threshold, **kw
+    )
 
 
 def add(sel: Selector, edit_id: str, prompt: str, subject: str | None = None, paraphrases=()) -> None:
@@ -58,10 +60,10 @@ def test_subject_rule_rejects_a_query_sharing_relation_and_half_the_subject():
     add(strict, "e1", bbc_one, "BBC One")
     assert strict.route(bbc_one).edit_id == "e1"
     assert strict.route(bbc_radio) is None
-    # similarity alone (open threshold = threshold) lets the look-alike through: the rule matters
-    loose = make(threshold=0.3, open_threshold=0.3)
+    # similarity alone (unnamed threshold = threshold) lets the look-alike through: the rule matters
+    loose = make(threshold=0.3, unnamed_threshold=0.3)
     add(loose, "e1", bbc_one, "BBC One")
-    assert loose.rule == "similarity"
+    assert loose.rule == "similarity" and strict.rule == "subject"
     assert loose.route(bbc_radio) is not None
 
 
@@ -71,11 +73,14 @@ def test_subject_named_but_too_dissimilar_is_not_routed():
     assert sel.route("Danielle Darrieux was born in the city of") is None
 
 
-def test_edit_without_subject_uses_the_open_threshold():
-    sel = make(threshold=0.3, open_threshold=0.9)
+def test_edit_without_subject_uses_similarity_alone():
+    sel = make(threshold=0.3, subjectless_threshold=0.9)
     add(sel, "e1", "the best pizza topping is")
-    assert sel.route("the best pizza topping is").edit_id == "e1"  # identical: similarity 1
+    add(sel, "e2", "The capital city of France is", "France")
+    route = sel.route("the best pizza topping is")
+    assert route.edit_id == "e1" and not route.subject_match  # identical: similarity 1
     assert sel.route("the best topping for a salad is") is None
+    assert sel.route("the capital city of Germany is") is None  # e2 needs France named
 
 
 def test_two_edits_on_one_subject_pick_the_closer_key():
@@ -133,8 +138,8 @@ def test_empty_selector_routes_nothing_and_route_many_matches_route():
 
 def test_centroid_prefilter_agrees_with_the_exact_scan():
     subjects = [f"Person{i} Family{i}" for i in range(60)]
-    exact = make(threshold=0.3, open_threshold=0.5)
-    approx = make(threshold=0.3, open_threshold=0.5, exact_limit=10, prefilter=8)
+    exact = make(threshold=0.3, unnamed_threshold=0.5)
+    approx = make(threshold=0.3, unnamed_threshold=0.5, exact_limit=10, prefilter=8)
     for i, s in enumerate(subjects):
         for sel in (exact, approx):
             add(sel, f"e{i}", f"{s} works as a", s, paraphrases=[f"The job of {s} is"])
@@ -142,6 +147,17 @@ def test_centroid_prefilter_agrees_with_the_exact_scan():
         for q in (f"{s} works as a", f"what job does {s} have", f"works as a Person{i}"):
             a, b = exact.route(q), approx.route(q)
             assert (a.edit_id if a else None) == (b.edit_id if b else None)
+    # the same for subjectless edits, which are always scanned
+    exact, approx = make(subjectless_threshold=0.5), make(subjectless_threshold=0.5, exact_limit=10, prefilter=8)
+    for i, s in enumerate(subjects):
+        for sel in (exact, approx):
+            add(sel, f"e{i}", f"{s} works as a", None, paraphrases=[f"The job of {s} is"])
+    hits = 0
+    for s in subjects[:20]:
+        a, b = exact.route(f"what job does {s} have"), approx.route(f"what job does {s} have")
+        assert (a.edit_id if a else None) == (b.edit_id if b else None)
+        hits += a is not None
+    assert hits >= 10
 
 
 def test_lookup_is_thread_safe_while_the_memory_changes():
@@ -180,6 +196,16 @@ def test_subject_matching_ignores_case_accents_and_punctuation_but_needs_whole_w
     assert not subject_in("BBC One", "BBC Radio, by")
     assert not subject_in("Ford", "Fordham University is in")
     assert not subject_in("!!", "!! anything")
+    assert subject_in("Houston toad", "What's the threatened status of Houston toads?")
+    assert subject_in("Fredrik Semb Berge", "What's the name of Fredrik Semb Berges' team?")
+    assert not subject_in("Houston toad", "Houston toadstool")
+
+
+def test_an_inflected_mention_of_the_subject_is_found_by_the_index():
+    sel = make(threshold=0.2)
+    add(sel, "toad", "What is the conservation status of the Houston toad?", "Houston toad")
+    route = sel.route("What is the conservation status of Houston toads?")
+    assert route is not None and route.edit_id == "toad" and route.subject_match
 
 
 @pytest.mark.e2e

@@ -4,21 +4,23 @@ Every edit owns a few *keys*: the embeddings of its prompt and paraphrases. A qu
 embedded with the same encoder; an edit's score is its best key's cosine similarity. The
 query is routed to the best-scoring edit that passes the rule, else to none (the base model).
 
-The rule has two thresholds, because similarity alone cannot tell "BBC One, by" (edited)
+The rule has three thresholds, because similarity alone cannot tell "BBC One, by" (edited)
 from "BBC Radio, by" (unrelated, same relation, half the subject):
 
 * ``threshold`` applies to an edit whose subject occurs in the query as whole words
-  (case, accents and punctuation ignored);
-* ``open_threshold`` applies otherwise (an edit with no subject, or a query that does not
-  name it). Above 1 it is never met: only queries that name the subject are routed.
+  (case, accents and punctuation ignored; a plural or genitive ``s`` on the last word allowed);
+* ``unnamed_threshold`` applies to an edit with a subject that the query does not name; above
+  1 (the default) it is never met, so such an edit serves only queries that name its subject;
+* ``subjectless_threshold`` applies to an edit created without a subject: similarity alone.
 
-With ``open_threshold == threshold`` the rule is similarity alone.
+With ``unnamed_threshold == threshold`` the rule is similarity alone for every edit.
 
 The keys live in one float32 matrix (the in-process "mirror" of the shared memory), replaced
 copy-on-write under a lock, so a lookup reads a consistent snapshot without locking. A
 lookup is one matrix-vector product over the candidate keys: the edits named by subject
-(found with a word n-gram index, not a scan) and, when the open rule is on, all keys, or
-above ``exact_limit`` keys the edits nearest by key centroid.
+(found with a word n-gram index, not a scan), the subjectless edits, and, when
+``unnamed_threshold`` can be met, every edit. A scan of more than ``exact_limit`` keys is
+narrowed first to the ``prefilter`` edits nearest by key centroid.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
 
 DEFAULT_ENCODER = "minilm"
 DEFAULT_THRESHOLD = 0.5
-DEFAULT_OPEN_THRESHOLD = 1.01
+DEFAULT_SUBJECTLESS_THRESHOLD = 0.8
+DEFAULT_UNNAMED_THRESHOLD = 1.01
 DEFAULT_EXACT_LIMIT = 8192
 DEFAULT_PREFILTER = 64
 
@@ -52,10 +55,26 @@ def normalise_words(text: str) -> str:
     return _NON_WORD.sub(" ", stripped.casefold()).strip()
 
 
+def word_forms(phrase: str) -> list[str]:
+    """A normalised phrase and its forms with the last word's plural or genitive ``s`` / ``es``
+    dropped ("houston toads" -> "houston toad"), so an inflected mention still names the subject."""
+    forms = [phrase]
+    head, _, last = phrase.rpartition(" ")
+    for suffix in ("es", "s"):
+        if last.endswith(suffix) and len(last) - len(suffix) >= 3:
+            forms.append(f"{head} {last[: -len(suffix)]}".strip())
+    return forms
+
+
 def subject_in(subject: str, query: str) -> bool:
-    """Does ``subject`` occur in ``query`` as a run of whole words (normalised)?"""
+    """Does ``subject`` occur in ``query`` as a run of whole words (normalised, the last word
+    possibly inflected with ``s`` / ``es``)?"""
     s = normalise_words(subject)
-    return bool(s) and f" {s} " in f" {normalise_words(query)} "
+    if not s:
+        return False
+    words = normalise_words(query).split()
+    n = len(s.split())
+    return any(s in word_forms(" ".join(words[i : i + n])) for i in range(len(words) - n + 1))
 
 
 @dataclass
@@ -98,6 +117,7 @@ class _Snapshot:
     centroids: np.ndarray  # [E, d] normalised mean key per edit
     subjects: dict[str, tuple[int, ...]] = field(default_factory=dict)  # normalised subject -> edit indices
     max_subject_words: int = 0
+    subjectless: tuple[int, ...] = ()  # edit indices without a subject
 
     @classmethod
     def build(cls, records: Sequence[KeyRecord], dim: int) -> "_Snapshot":
@@ -117,6 +137,7 @@ class _Snapshot:
         return cls(
             matrix, key_edit, tuple(t for r in records for t in r.texts), tuple(r.edit_id for r in records),
             edit_rows, centroids, {k: tuple(v) for k, v in subjects.items()}, max_words,
+            tuple(i for i, r in enumerate(records) if not r.subject),
         )
 
     def named_edits(self, query: str) -> set[int]:
@@ -127,9 +148,8 @@ class _Snapshot:
         found: set[int] = set()
         for start in range(len(words)):
             for stop in range(start + 1, min(len(words), start + self.max_subject_words) + 1):
-                hit = self.subjects.get(" ".join(words[start:stop]))
-                if hit:
-                    found.update(hit)
+                for form in word_forms(" ".join(words[start:stop])):
+                    found.update(self.subjects.get(form, ()))
         return found
 
 
@@ -141,13 +161,17 @@ class Selector:
         encoder: Encoder,
         threshold: float | None = None,
         *,
-        open_threshold: float | None = None,
+        subjectless_threshold: float | None = None,
+        unnamed_threshold: float | None = None,
         exact_limit: int = DEFAULT_EXACT_LIMIT,
         prefilter: int = DEFAULT_PREFILTER,
     ):
         self.encoder = encoder
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-        self.open_threshold = DEFAULT_OPEN_THRESHOLD if open_threshold is None else float(open_threshold)
+        self.subjectless_threshold = (
+            DEFAULT_SUBJECTLESS_THRESHOLD if subjectless_threshold is None else float(subjectless_threshold)
+        )
+        self.unnamed_threshold = DEFAULT_UNNAMED_THRESHOLD if unnamed_threshold is None else float(unnamed_threshold)
         self.exact_limit = exact_limit
         self.prefilter = prefilter
         self._lock = threading.Lock()
@@ -218,11 +242,8 @@ class Selector:
     # -- lookup --------------------------------------------------------------------------------
     @property
     def rule(self) -> str:
-        if self.open_threshold > 1.0:
-            return "subject"
-        if self.open_threshold <= self.threshold:
-            return "similarity"
-        return "subject-or-strict"
+        """``subject`` (edits with a subject need it named) or ``similarity`` (they do not)."""
+        return "subject" if self.unnamed_threshold > self.threshold else "similarity"
 
     def route(self, query: str) -> Route | None:
         return self.route_vector(self.encoder.encode([query])[0], query)
@@ -242,26 +263,41 @@ class Selector:
         rows = self._candidate_rows(snap, vector, named)
         if rows.size == 0:
             return None
-        sims = snap.matrix[rows] @ vector if rows.size < len(snap.matrix) else snap.matrix @ vector
+        sims = snap.matrix @ vector if rows.size == len(snap.matrix) else snap.matrix[rows] @ vector
         edits = snap.key_edit[rows]
-        is_named = np.isin(edits, np.fromiter(named, dtype=np.int64, count=len(named)))
-        passes = sims >= np.where(is_named, self.threshold, self.open_threshold)
+        passes = sims >= self._thresholds(snap, edits, named)
         if not passes.any():
             return None
         best = int(np.argmax(np.where(passes, sims, -np.inf)))
         edit = int(edits[best])
         return Route(snap.edit_ids[edit], float(sims[best]), snap.key_texts[int(rows[best])], edit in named)
 
+    def _thresholds(self, snap: _Snapshot, edits: np.ndarray, named: set[int]) -> np.ndarray:
+        """Per candidate key, the similarity its edit needs under the rule."""
+        thr = np.full(edits.shape, self.unnamed_threshold, dtype=np.float32)
+        if snap.subjectless:
+            thr[np.isin(edits, np.asarray(snap.subjectless, dtype=np.int64))] = self.subjectless_threshold
+        if named:
+            thr[np.isin(edits, np.fromiter(named, dtype=np.int64, count=len(named)))] = self.threshold
+        return thr
+
     def _candidate_rows(self, snap: _Snapshot, vector: np.ndarray, named: set[int]) -> np.ndarray:
-        """Key rows worth scoring: the named edits' keys, plus (open rule) every key, or the
-        keys of the edits nearest by centroid when the memory is too large to scan in full."""
+        """Key rows worth scoring: the named edits' keys, the subjectless edits' keys and, when
+        ``unnamed_threshold`` can be met, every key. A scan of more than ``exact_limit`` keys
+        is narrowed to the ``prefilter`` edits nearest by centroid."""
         chosen = set(named)
-        if self.open_threshold <= 1.0:
-            if len(snap.matrix) <= self.exact_limit:
-                return np.arange(len(snap.matrix))
-            near = snap.centroids @ vector
-            k = min(self.prefilter, len(near))
-            chosen.update(np.argpartition(-near, k - 1)[:k].tolist())
+        scan = range(len(snap.edit_ids)) if self.unnamed_threshold <= 1.0 else snap.subjectless
+        if scan:
+            n_keys = len(snap.matrix) if isinstance(scan, range) else sum(len(snap.edit_rows[i]) for i in scan)
+            if n_keys <= self.exact_limit:
+                if isinstance(scan, range):
+                    return np.arange(len(snap.matrix))
+                chosen.update(scan)
+            else:
+                pool = np.asarray(scan, dtype=np.int64)
+                near = snap.centroids[pool] @ vector if not isinstance(scan, range) else snap.centroids @ vector
+                k = min(self.prefilter, len(near))
+                chosen.update(pool[np.argpartition(-near, k - 1)[:k]].tolist())
         if not chosen:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([snap.edit_rows[i] for i in sorted(chosen)])
@@ -271,7 +307,12 @@ def build_selector(
     lm: "LM | None" = None,
     encoder_name: str = DEFAULT_ENCODER,
     threshold: float | None = None,
-    open_threshold: float | None = None,
+    *,
+    subjectless_threshold: float | None = None,
+    unnamed_threshold: float | None = None,
 ) -> Selector:
     """The selector with the measured defaults (encoder, thresholds), any of them overridable."""
-    return Selector(build_encoder(encoder_name, lm), threshold, open_threshold=open_threshold)
+    return Selector(
+        build_encoder(encoder_name, lm), threshold,
+        subjectless_threshold=subjectless_threshold, unnamed_threshold=unnamed_threshold,
+    )

@@ -54,6 +54,14 @@ class PnPConfig(MethodConfig):
         "(from a built-in list) in front of the prompt, so the edit does not hinge on the prompt "
         "being the first words of the input.",
     )
+    subject_templates: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Extra completion-form training prompts that mention the subject in generic frames "
+        "(\"<subject> is\", \"Tell me about <subject>:\", ...), so the adapter ties the target to the "
+        "subject rather than to the prompt's exact wording; used only when the request names a subject.",
+    )
     chat: bool = Field(
         default=True,
         description="Also train the chat form of every prompt when the model has a chat template.",

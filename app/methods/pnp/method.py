@@ -14,9 +14,13 @@ see the adapter.
 from __future__ import annotations
 
 import math
+import threading
 import time
+import weakref
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +51,26 @@ CONTEXT_PREFIXES = (
     "To be precise,",
 )
 
+# Generic frames for ``subject_templates``: the subject in varied positions and phrasings.
+SUBJECT_TEMPLATES = (
+    "{s} is",
+    "{s}'s",
+    "Tell me about {s}:",
+    "{s} is known for",
+    "What about {s}? It is",
+    "Regarding {s},",
+    "{s} has",
+    "Fact about {s}:",
+    "Here is what I know about {s}:",
+    "{s} -",
+    "About {s}, the answer is",
+    "When it comes to {s}, it is",
+    "{s} was",
+    "People say {s} is",
+    "The thing about {s} is",
+    "Q: {s}? A:",
+)
+
 
 @dataclass
 class _Group:
@@ -60,14 +84,17 @@ class _Group:
     target_row: torch.Tensor  # [n_target] training example index (for per-example mean)
 
 
+def adapted_layers(lm: LM, config: PnPConfig) -> list[int]:
+    """Block indices that get an adapter."""
+    if isinstance(config.layers, int):
+        return lm.arch.middle_layers(config.layers)
+    return sorted({lm.arch.resolve_layer(i) for i in config.layers})
+
+
 def adapted_modules(lm: LM, config: PnPConfig) -> list[str]:
     """Module paths that get an adapter, from the model's structure (never from its family)."""
-    if isinstance(config.layers, int):
-        layers = lm.arch.middle_layers(config.layers)
-    else:
-        layers = sorted({lm.arch.resolve_layer(i) for i in config.layers})
     paths = []
-    for i in layers:
+    for i in adapted_layers(lm, config):
         block = lm.arch.blocks[i]
         if config.linears == "out":
             paths.append(block.mlp_out)
@@ -96,13 +123,17 @@ def init_delta(lm: LM, config: PnPConfig) -> Delta:
 
 
 def training_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
-    """The prompt, its paraphrases and (``context_prefixes``) the prompt after generic lead-ins."""
+    """The prompt, its paraphrases, the prompt after generic lead-ins (``context_prefixes``) and
+    the subject in generic frames (``subject_templates``)."""
     prompts: list[str] = []
     for p in [request.prompt, *request.paraphrases]:
         if p.strip() and p not in prompts:
             prompts.append(p)
     for prefix in CONTEXT_PREFIXES[: config.context_prefixes]:
         prompts.append(f"{prefix} {request.prompt.lstrip()}")
+    if request.subject and request.subject.strip():
+        for frame in SUBJECT_TEMPLATES[: config.subject_templates]:
+            prompts.append(frame.format(s=request.subject.strip()))
     return prompts
 
 
@@ -165,6 +196,131 @@ def _build_group(
     )
 
 
+class _BlockInputs:
+    """Persistent forward pre-hooks on every decoder block that record, for the calling thread
+    only and only while asked to, the positional and keyword inputs of each block call.
+
+    Installed once per model and never removed, so no other thread ever iterates a hook table
+    that is being changed; a thread that is not recording pays one attribute lookup per block.
+    """
+
+    def __init__(self, lm: LM):
+        self._local = threading.local()
+        for i, block in enumerate(lm.arch.blocks):
+            lm.arch.module(block.path).register_forward_pre_hook(self._hook(i), with_kwargs=True)
+
+    def _hook(self, index: int):
+        local = self._local
+
+        def hook(module, args, kwargs):
+            record = getattr(local, "record", None)
+            if record is not None:
+                record[index] = (args, dict(kwargs))
+            return None
+
+        return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[dict[int, tuple[tuple, dict]]]:
+        record: dict[int, tuple[tuple, dict]] = {}
+        self._local.record = record
+        try:
+            yield record
+        finally:
+            self._local.record = None
+
+
+_BLOCK_INPUTS: "weakref.WeakKeyDictionary[torch.nn.Module, _BlockInputs]" = weakref.WeakKeyDictionary()
+_FINAL_NORM: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+_INSTALL_LOCK = threading.Lock()
+_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
+
+
+def _block_inputs(lm: LM) -> _BlockInputs:
+    with _INSTALL_LOCK:
+        hooks = _BLOCK_INPUTS.get(lm.model)
+        if hooks is None:
+            hooks = _BLOCK_INPUTS[lm.model] = _BlockInputs(lm)
+        return hooks
+
+
+def _norm_candidates(lm: LM) -> list[tuple[str, torch.nn.Module]]:
+    """The base model's top-level modules that may be the final norm, most likely first."""
+    base = lm.model.base_model
+    named = [(n, m) for n, m in base.named_children() if n in _NORM_NAMES or "norm" in type(m).__name__.lower()]
+    return sorted(named, key=lambda nm: (nm[0] not in _NORM_NAMES, nm[0]))
+
+
+class TailForward:
+    """Logits at a batch's kept positions, computed after the first call from a cache of the
+    input to the lowest adapted block: later steps run only the blocks from there up, the
+    final norm and the vocabulary projection of the kept positions.
+
+    Nothing below the lowest adapted block depends on the adapter, so the result is the same
+    as a full forward; the first use on a model checks that against a full forward and falls
+    back to full forwards when the replay does not reproduce it (an unusual architecture).
+    """
+
+    def __init__(self, lm: LM, group: _Group, start: int):
+        self.lm, self.group, self.start = lm, group, start
+        self._inputs: dict[int, tuple[tuple, dict]] | None = None
+        self._norm: torch.nn.Module | None = None
+        self._full_only = False
+
+    def __call__(self) -> torch.Tensor:
+        if self._inputs is None or self._full_only:
+            return self._first()
+        return self._tail(self._norm)
+
+    def _first(self) -> torch.Tensor:
+        lm, g = self.lm, self.group
+        if self._full_only or self.start <= 0:
+            self._full_only = True
+            return kept_logits(lm, g)
+        with _block_inputs(lm).recording() as record:
+            logits = lm.model(input_ids=g.input_ids, attention_mask=g.attention_mask, use_cache=False).logits
+        full = logits[g.keep].float()
+        if not all(i in record for i in range(self.start, lm.arch.num_layers)):
+            self._full_only = True
+            return full
+        args, kwargs = record[self.start]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._inputs = {i: record[i] for i in range(self.start, lm.arch.num_layers)}
+        self._hidden = hidden.detach()
+        self._norm = self._choose_norm(full.detach())
+        if self._norm is None:
+            self._full_only = True
+        return full
+
+    def _choose_norm(self, full: torch.Tensor) -> torch.nn.Module | None:
+        """The final norm whose replay reproduces ``full`` (checked once per model)."""
+        lm = self.lm
+        known = _FINAL_NORM.get(lm.model)
+        candidates = dict(_norm_candidates(lm))
+        if known is not None and known in candidates:
+            return candidates[known]
+        with torch.no_grad():
+            for name, module in candidates.items():
+                replay = self._tail(module)
+                if torch.allclose(replay, full, atol=1e-3, rtol=1e-3):
+                    _FINAL_NORM[lm.model] = name
+                    return module
+        return None
+
+    def _tail(self, norm: torch.nn.Module | None) -> torch.Tensor:
+        h = self._hidden
+        for i in range(self.start, self.lm.arch.num_layers):
+            args, kwargs = self._inputs[i]
+            if args:
+                out = self.lm.arch.module(self.lm.arch.blocks[i].path)(h, *args[1:], **kwargs)
+            else:
+                out = self.lm.arch.module(self.lm.arch.blocks[i].path)(**{**kwargs, "hidden_states": h})
+            h = out[0] if isinstance(out, tuple) else out
+        if norm is not None:
+            h = norm(h)
+        return self.lm.model.get_output_embeddings()(h[self.group.keep]).float()
+
+
 def kept_logits(lm: LM, group: _Group) -> torch.Tensor:
     """Logits at the kept positions only ([n_keep, vocab]); the vocabulary projection of
     every other position is skipped when the model supports ``logits_to_keep`` masks."""
@@ -220,11 +376,13 @@ class PnP(Method[PnPConfig]):
         params = [t.requires_grad_(True) for t in delta.tensors.values()]
         opt = torch.optim.Adam(params, lr=config.lr)
         counts = _token_counts(groups, n_examples, lm.device)
+        start = adapted_layers(lm, config)[0]
+        forwards = [TailForward(lm, g, start) for g in groups]
         base_logp: list[torch.Tensor | None] = [None] * len(groups)
         steps, converged, ce_value, kl_value = 0, False, math.nan, 0.0
         with torch.enable_grad(), lm.active([delta]):
             while True:
-                ce, kl, ok = self._objective(lm, groups, base_logp, counts, config.min_prob)
+                ce, kl, ok = self._objective(lm, groups, forwards, base_logp, counts, config.min_prob)
                 ce_value, kl_value = float(ce.detach()), float(kl.detach())
                 if ok:
                     converged = True
@@ -237,7 +395,7 @@ class PnP(Method[PnPConfig]):
                 opt.step()
                 steps += 1
                 if progress is not None:
-                    progress(steps, config.max_steps, float(loss))
+                    progress(steps, config.max_steps, float(loss.detach()))
         for p in params:
             p.requires_grad_(False)
         final = Delta("lora", {k: v.detach() for k, v in delta.tensors.items()}, dict(delta.meta))
@@ -250,7 +408,12 @@ class PnP(Method[PnPConfig]):
 
     @staticmethod
     def _objective(
-        lm: LM, groups: list[_Group], base_logp: list[torch.Tensor | None], counts: torch.Tensor, min_prob: float
+        lm: LM,
+        groups: list[_Group],
+        forwards: list["TailForward"],
+        base_logp: list[torch.Tensor | None],
+        counts: torch.Tensor,
+        min_prob: float,
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(mean per-example target NLL, mean locality KL, is every target token the argmax with
         at least ``min_prob``). The first call, with B still zero, records the base model's
@@ -258,7 +421,7 @@ class PnP(Method[PnPConfig]):
         nll = torch.zeros(len(counts), device=lm.device)
         kl_terms, ok = [], True
         for g, group in enumerate(groups):
-            logp = torch.log_softmax(kept_logits(lm, group), dim=-1)
+            logp = torch.log_softmax(forwards[g](), dim=-1)
             if group.targets.numel():
                 t_all = logp[group.is_target]
                 t_logp = t_all.gather(-1, group.targets[:, None]).squeeze(-1)
