@@ -274,20 +274,22 @@ def cmd_routing(args) -> None:
                     per = [confusion(g, *m, rule, t, t_open) for g, m in zip(groups, mats)]
                     rows.append((float(t), float(t_open), per))
             results[(spec, rule)] = rows
+            if args.fixed:
+                continue  # report only the given settings (held-out use): no picking here
             best = pick(rows, args.same_weight)
             t, t_open, per = best
             print(f"\n== {spec} / {rule}: t={t} t_open={t_open} objective {objective(per, args.same_weight):.4f}"
                   f" (encode {enc_s:.1f}s)")
             for g, r in zip(groups, per):
                 print(f"  {g.label:18s} {fmt(r)}")
-            if args.curve and rule == "subject":
+            if args.curve and rule in ("subject", "similarity"):
                 for tt, _, pp in rows[::5]:
                     print(f"    t={tt:.2f} objective {objective(pp, args.same_weight):.4f} rephrase "
                           f"{statistics.mean(p['rephrase']['correct'] for p in pp):.3f} loc-none "
                           f"{statistics.mean(p['out']['none'] for p in pp):.3f} same-none "
                           f"{statistics.mean(p['same']['none'] for p in pp if 'same' in p) if any('same' in p for p in pp) else float('nan'):.3f}")
-    if args.fixed:
-        spec, rule, t, t_open = args.fixed.split(",")
+    for fixed in args.fixed or []:
+        spec, rule, t, t_open = fixed.split(",")
         rows = results[(spec, rule)]
         for tt, to, per in rows:
             if abs(tt - float(t)) < 1e-6 and (rule != "subject+open" or abs(to - float(t_open)) < 1e-6):
@@ -503,7 +505,8 @@ def main() -> None:
     r.add_argument("--same-weight", type=float, default=0.5,
                    help="weight of rejecting same-subject other-relation queries in the objective")
     r.add_argument("--curve", action="store_true", help="print every threshold of the subject rule")
-    r.add_argument("--fixed", default=None, help="also print encoder,rule,t,t_open")
+    r.add_argument("--fixed", nargs="*", default=None,
+                   help="report only these settings, each encoder,rule,t,t_open (for held-out splits)")
     r.add_argument("--threads", type=int, default=1)
     r.set_defaults(func=cmd_routing)
     f = sub.add_parser("fit")

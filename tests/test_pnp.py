@@ -96,7 +96,8 @@ def test_training_batches_cover_prompt_paraphrases_forms_and_locality(lm):
     cfg = get("pnp").parse_config({"locality_prompts": 3, "context_prefixes": 2})
     req = EditRequest(PROMPT, TARGET, paraphrases=["Freedonia's capital is", PROMPT])
     groups, n_examples, n_loc = build_groups(lm, req, cfg)
-    assert n_examples == 2 * 4  # (prompt, paraphrase, two prefixed prompts) x (completion, chat)
+    # completion: prompt, paraphrase, two prefixed prompts; chat: prompt, paraphrase
+    assert n_examples == 4 + 2
     assert n_loc == 3  # drawn from the built-in pool
     completion = groups[0]
     first_target = lm.target_ids(PROMPT, TARGET, "completion")[0]

@@ -122,13 +122,15 @@ def init_delta(lm: LM, config: PnPConfig) -> Delta:
     return Delta("lora", tensors, meta)
 
 
-def training_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
-    """The prompt, its paraphrases, the prompt after generic lead-ins (``context_prefixes``) and
-    the subject in generic frames (``subject_templates``)."""
+def training_prompts(request: EditRequest, config: PnPConfig, augment: bool = True) -> list[str]:
+    """The prompt and its paraphrases, and with ``augment`` the prompt after generic lead-ins
+    (``context_prefixes``) and the subject in generic frames (``subject_templates``)."""
     prompts: list[str] = []
     for p in [request.prompt, *request.paraphrases]:
         if p.strip() and p not in prompts:
             prompts.append(p)
+    if not augment:
+        return prompts
     for prefix in CONTEXT_PREFIXES[: config.context_prefixes]:
         prompts.append(f"{prefix} {request.prompt.lstrip()}")
     if request.subject and request.subject.strip():
@@ -341,11 +343,13 @@ def kept_logits(lm: LM, group: _Group) -> torch.Tensor:
 def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[_Group], int, int]:
     """One forward batch per text form (similar lengths pad little); the locality prompts ride
     with the completion batch. Returns (groups, training examples, locality prompts)."""
-    prompts = training_prompts(request, config)
     loc = [lm.prompt_ids(p, "completion") for p in locality_texts(request, config)]
     n_loc = len(loc)
     groups, n_examples = [], 0
     for mode in training_modes(lm, request, config):
+        # The generic augmentations are short completion-form prompts; the chat form (a long
+        # template around each prompt) is trained on the request's own prompts only.
+        prompts = training_prompts(request, config, augment=(mode == "completion"))
         examples = [(lm.prompt_ids(p, mode), lm.target_ids(p, request.target, mode)) for p in prompts]
         examples = [(p, t) for p, t in examples if t]
         if not examples:
