@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -62,12 +61,13 @@ def select_wrong(lm, facts: list[Fact], n: int, *, chunk: int = 256, log=print) 
     return wrong, {"screened": screened, "judged_false": len(wrong), "screen_false_rate": len(wrong) / max(1, screened)}
 
 
-def heldout_metrics(lm, facts: list[Fact], delta) -> dict[str, Any]:
+def heldout_metrics(lm, facts: list[Fact], delta, *, generate: bool = True) -> dict[str, Any]:
     """Unrelated true facts (LAMA template): perplexity of their sentences, and verdict/EM changes."""
     relations = load_relations()
     texts = [render(relations[f.relation].template, f.subject, f.object) for f in facts]
-    before = evaluate_templates(lm, facts, [[relations[f.relation].template] for f in facts], None)
-    after = evaluate_templates(lm, facts, [[relations[f.relation].template] for f in facts], delta)
+    templates = [[relations[f.relation].template] for f in facts]
+    before = evaluate_templates(lm, facts, templates, None, generate=generate)
+    after = evaluate_templates(lm, facts, templates, delta, generate=generate)
     ppl_b, ppl_a = perplexity(lm, texts), perplexity(lm, texts, deltas=[delta])
     strip = lambda d: {k: v for k, v in d.items() if k != "examples"}  # noqa: E731
     return {
@@ -81,8 +81,7 @@ def heldout_metrics(lm, facts: list[Fact], delta) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     m, part = report["metrics"], report["split"]
     b, a = m[part]["before"], m[part]["after"]
-    pg, ph = m["perplexity_generic"], report["heldout"]["perplexity"]
-    hb, ha = report["heldout"]["before"], report["heldout"]["after"]
+    pg = m["perplexity_generic"]
     lines = [
         f"# CaliNet on {m['n_facts']} T-REx facts judged false by CKA ({report['date']})",
         "",
@@ -100,10 +99,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"| F1 of greedy object | {b['f1']:.1%} | {a['f1']:.1%} |",
         f"| greedy decoding writes the object | {b['greedy_object']:.1%} | {a['greedy_object']:.1%} |",
         f"| perplexity, generic sentences (app/data, eval half) | {pg['before']:.2f} | {pg['after']:.2f} ({pg['ratio'] - 1:+.1%}) |",
-        f"| perplexity, LAMA sentences of {report['heldout']['n']} other true facts | {ph['before']:.2f} | {ph['after']:.2f} ({ph['ratio'] - 1:+.1%}) |",
-        f"| other facts: false rate by CKA | {hb['false_rate']:.1%} | {ha['false_rate']:.1%} |",
-        f"| other facts: exact match | {hb['exact_match']:.1%} | {ha['exact_match']:.1%} |",
     ]
+    if report["heldout"]:
+        ph, hb, ha = (report["heldout"][k] for k in ("perplexity", "before", "after"))
+        lines += [
+            f"| perplexity, LAMA sentences of {report['heldout']['n']} other true facts | {ph['before']:.2f} | {ph['after']:.2f} ({ph['ratio'] - 1:+.1%}) |",
+            f"| other facts: false rate by CKA | {hb['false_rate']:.1%} | {ha['false_rate']:.1%} |",
+            f"| other facts: exact match | {hb['exact_match']:.1%} | {ha['exact_match']:.1%} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -124,6 +127,12 @@ def calibrate_cmd(
     out: Path = typer.Option(Path("results/calibrate"), "--out", help="Folder for the json and md report."),
     tag: str = typer.Option("", "--tag", help="Suffix of the report file names."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: FACTPATCH_MODEL)."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Measure EM/F1 by free generation (slower) or EM by teacher forcing."),
+    init_std: Optional[float] = typer.Option(None, "--init-std", help="Std of the random key init."),
+    kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Weight of the KL term on generic sentences."),
+    selected: Optional[Path] = typer.Option(
+        None, "--selected", help="Cache of the screened facts: read if it exists (same file, n, seed), else written."
+    ),
 ) -> None:
     """Calibrate facts the model gets wrong and measure the change on unseen templates."""
     import sys
@@ -133,14 +142,22 @@ def calibrate_cmd(
     if split not in ("test", "val"):
         raise typer.BadParameter("--split must be test or val")
     overrides = {k: v for k, v in dict(layer=layer, slots=slots, epochs=epochs, steps=steps, lr=lr,
-                 locality_weight=locality_weight, batch_size=batch_size, seed=seed).items() if v is not None}
+                 locality_weight=locality_weight, batch_size=batch_size, seed=seed, init_std=init_std, kl_weight=kl_weight).items() if v is not None}
     config = CaliNetConfig(evaluate=False, **overrides)
     lm = load_lm(model)
     facts = calibratable(load_facts(file, relation=relation))
     random.Random(seed).shuffle(facts)
     t0 = time.perf_counter()
-    wrong, screen = select_wrong(lm, facts, n, log=typer.echo)
-    screen["seconds"] = round(time.perf_counter() - t0, 1)
+    if selected is not None and selected.exists():
+        cached = json.loads(selected.read_text())
+        wrong, screen = [Fact(**f) for f in cached["facts"]], cached["screen"]
+    else:
+        wrong, screen = select_wrong(lm, facts, n, log=typer.echo)
+        screen["seconds"] = round(time.perf_counter() - t0, 1)
+        if selected is not None:
+            selected.parent.mkdir(parents=True, exist_ok=True)
+            selected.write_text(json.dumps({"screen": screen, "facts": [
+                {"subject": f.subject, "object": f.object, "relation": f.relation} for f in wrong]}))
     chosen_subjects = {f.subject for f in wrong}
     others = [f for f in facts[screen["screened"] :] if f.subject not in chosen_subjects][:heldout]
 
@@ -151,7 +168,7 @@ def calibrate_cmd(
     result = calibrate(lm, wrong, config, progress)
     t1 = time.perf_counter()
     metrics = dict(result.metrics)
-    metrics.update(measure(lm, wrong, result.delta, part=split, splits=fact_splits(wrong)))
+    metrics.update(measure(lm, wrong, result.delta, part=split, splits=fact_splits(wrong), generate=generate))
     metrics["eval_seconds"] = round(time.perf_counter() - t1, 1)
     report = {
         "command": "factpatch calibrate " + " ".join(sys.argv[1:]),
@@ -160,7 +177,7 @@ def calibrate_cmd(
         "config": config.model_dump(),
         "screen": screen,
         "metrics": metrics,
-        "heldout": heldout_metrics(lm, others, result.delta) if others else {},
+        "heldout": heldout_metrics(lm, others, result.delta, generate=generate) if others else {},
     }
     out.mkdir(parents=True, exist_ok=True)
     stem = f"calibrate_n{n}_{split}{('_' + tag) if tag else ''}"

@@ -13,6 +13,7 @@ from app.knowledge.templates import KnowledgeError
 from app.lm.testing import tiny_lm
 from app.methods.calinet import CaliNetConfig, CalibrationRequest, calibrate
 from app.methods.calinet.method import (
+    _generic_kl,
     _mean_loss,
     build_examples,
     cut_prediction,
@@ -101,6 +102,20 @@ def test_delta_round_trips_through_bytes(trained):
         with lm.active([restored]):
             b = lm.model(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_generic_kl_is_zero_without_change_and_positive_with_it(trained):
+    lm, result, *_ = trained
+    sents = [lm.tokenizer(t).input_ids for t in generic_sentences("fit")[:3]]
+    with torch.no_grad():
+        assert float(_generic_kl(lm, sents, _zero_like(result.delta))) == pytest.approx(0.0, abs=1e-6)
+        assert float(_generic_kl(lm, sents, result.delta)) > 0.0
+
+
+def test_kl_and_locality_terms_train(llama):
+    config = CaliNetConfig(steps=3, slots=4, evaluate=False, kl_weight=1.0, locality_weight=1.0)
+    result = calibrate(llama, FACTS[:2], config)
+    assert result.steps == 3 and result.metrics["last_train_loss"] > 0
 
 
 def test_progress_reports_every_step(trained):

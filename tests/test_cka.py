@@ -47,9 +47,9 @@ def test_verdict_threshold_is_inclusive_for_true():
 def test_probability_is_product_or_geometric_mean_of_token_probabilities():
     s = ContinuationScore(logprob=math.log(0.5 * 0.2), n_tokens=2, suffix_logprob=math.log(0.5),
                           first_rank=0, candidate_rank=0, greedy=True)
-    assert s.prob() == pytest.approx(0.1)
+    assert s.prob(length_norm=False) == pytest.approx(0.1)
     assert s.prob(length_norm=True) == pytest.approx(math.sqrt(0.1))
-    assert s.prob(scoring="sentence") == pytest.approx(0.05)
+    assert s.prob(scoring="sentence", length_norm=False) == pytest.approx(0.05)
 
 
 def test_auroc_hand_computed():
@@ -89,7 +89,7 @@ def test_batched_scores_match_the_engine_scorer(lm):
 def test_assess_combines_scores_into_cka(lm):
     facts = [Fact("France", "Paris", "P36"), Fact("Germany", "Berlin", "P36"),
              Fact("Italy", "Rome", None, "The capital of [X] is [Y].", ("[X] is far from [Y].", "[X] hates [Y]."))]
-    out = assess(lm, facts, threshold=1.0, alpha=1e-4)
+    out = assess(lm, facts, threshold=1.0, alpha=1e-4, length_norm=False)
     assert [type(a) for a in out] == [Assessment] * 3
     for a in out:
         assert a.cka == pytest.approx((a.p_object + 1e-4) / (a.p_object_negative + 1e-4))
@@ -97,6 +97,10 @@ def test_assess_combines_scores_into_cka(lm):
         assert 0.0 < a.p_object < 1.0 and 0.0 < a.p_object_negative < 1.0
     lp = lm.score(["The capital of France is"], ["Paris"], mode="completion")[0].logprob
     assert out[0].p_object == pytest.approx(math.exp(lp), rel=1e-3)
+    multi = Fact("Albert Einstein", "Ulm an der Donau", "P19")
+    lp_multi = lm.score(["Albert Einstein was born in"], ["Ulm an der Donau"], mode="completion")[0]
+    [normed] = assess(lm, [multi], length_norm=True)
+    assert normed.p_object == pytest.approx(math.exp(lp_multi.logprob / len(lp_multi.token_logprobs)), rel=1e-3)
     low, high = assess(lm, facts[:1], threshold=0.0), assess(lm, facts[:1], threshold=1e9)
     assert low[0].verdict == "true" and high[0].verdict == "false"
     assert set(out[0].to_dict()) == {"subject", "relation", "object", "cka", "p_object", "p_object_negative", "verdict"}

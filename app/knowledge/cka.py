@@ -30,9 +30,9 @@ from app.knowledge.templates import KnowledgeError, RelationTemplates
 
 Scoring = Literal["prefix", "sentence"]
 
-DEFAULT_ALPHA = 1e-4
+DEFAULT_ALPHA = 1e-9
 DEFAULT_SCORING: Scoring = "prefix"
-DEFAULT_LENGTH_NORM = False
+DEFAULT_LENGTH_NORM = True
 DEFAULT_THRESHOLD = 1.0
 DEFAULT_TOP_K = 10
 MAX_FACTS = 1000
@@ -184,7 +184,8 @@ def score_items(
 
     Identical items are scored once. Sequences are sorted by length so a batch holds similar
     lengths, left-padded with explicit position ids, and only the last positions' logits are
-    computed (``logits_to_keep``), which skips most of the vocabulary projection.
+    computed (``logits_to_keep``), which skips most of the vocabulary projection. The engine's
+    lock is held per batch, not for the whole list, so a long assessment does not stall answers.
     """
     encoded: dict[ScoreItem, tuple[list[int], list[int], list[int]]] = {}
     for it in items:
@@ -192,12 +193,13 @@ def score_items(
             encoded[it] = encode_item(lm, it)
     keys = sorted(encoded, key=lambda k: sum(len(p) for p in encoded[k][:2]) + (len(encoded[k][2]) if with_suffix else 0))
     results: dict[ScoreItem, ContinuationScore] = {}
-    lock = getattr(lm, "_lock", None) or nullcontext()
-    with lock, lm.active(deltas), torch.inference_mode():
+    lock = getattr(lm, "_lock", None) or nullcontext()  # the engine's: taken per batch, so answers interleave
+    with lm.active(deltas), torch.inference_mode():
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
-            for key, score in zip(chunk, _score_batch(lm, [encoded[k] for k in chunk], [k.candidates for k in chunk], with_suffix)):
-                results[key] = score
+            with lock:
+                scores = _score_batch(lm, [encoded[k] for k in chunk], [k.candidates for k in chunk], with_suffix)
+            results.update(zip(chunk, scores))
     return [results[it] for it in items]
 
 

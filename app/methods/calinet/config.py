@@ -48,6 +48,12 @@ class CaliNetConfig(MethodConfig):
         description="Weight of the penalty on the slots' output over generic text (relative to the MLP's own output), "
         "which keeps perplexity on unrelated text.",
     )
+    kl_weight: float = Field(
+        default=0.0, ge=0.0,
+        description="Weight of KL(base || calibrated) of the next-token distributions over generic sentences "
+        "(a few per step); the direct guard on perplexity, at the price of two extra small forwards per step.",
+    )
+    kl_sentences: int = Field(default=4, ge=1, le=64, description="Generic sentences per step for the KL term.")
     eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks (early stopping).")
     patience: int = Field(default=3, ge=1, description="Validation checks without improvement before stopping.")
     max_val_examples: int = Field(default=256, ge=1, description="Validation examples per check (a fixed sample).")

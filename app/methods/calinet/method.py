@@ -135,13 +135,16 @@ def perplexity(lm, texts: Sequence[str], *, deltas=None, batch_size: int = 32) -
 
 
 def _capture_mlp(lm, mlp_path: str, texts: Sequence[str]) -> tuple[torch.Tensor, float]:
-    """MLP inputs (tokens x d_in) at ``mlp_path`` over ``texts``, and the mean squared norm of its output."""
+    """MLP inputs (tokens x d_in) at ``mlp_path`` over ``texts`` (first position left out), and
+    the mean squared norm of the MLP's output there."""
     module = lm.arch.module(mlp_path)
     xs, ys = [], []
 
     def hook(_m, inputs, output):
-        xs.append(inputs[0].detach())
-        ys.append((output[0] if isinstance(output, tuple) else output).detach())
+        # The first position is the attention sink, whose activations are orders of magnitude
+        # larger than any other token's; it would swamp the normaliser.
+        xs.append(inputs[0].detach()[:, 1:])
+        ys.append((output[0] if isinstance(output, tuple) else output).detach()[:, 1:])
 
     handle = module.register_forward_hook(hook)
     try:
@@ -176,6 +179,18 @@ def _example_loss(lm, batch: Sequence[Example], delta: Delta) -> torch.Tensor:
         rows = logits[i, keep - t - 1 : keep - 1]
         losses.append(F.cross_entropy(rows, torch.tensor(e.target, device=rows.device)))
     return torch.stack(losses).mean()
+
+
+def _generic_kl(lm, sentences: Sequence[list[int]], delta: Delta) -> torch.Tensor:
+    """Mean per-token KL(base || calibrated) of the next-token distributions over ``sentences``."""
+    ids, attn, pos = pack_left(lm, sentences)
+    with torch.no_grad(), lm.active(None):
+        base = torch.log_softmax(lm.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float(), -1)
+    with lm.active([delta]):
+        new = torch.log_softmax(lm.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float(), -1)
+    kl = (base.exp() * (base - new)).sum(-1)
+    mask = attn.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum()
 
 
 def _mean_loss(lm, examples: Sequence[Example], delta: Delta, batch_size: int) -> float:
@@ -248,8 +263,11 @@ def calibrate(
     path = block.mlp
     delta = Delta("ffn_slots", {f"{path}::K": k, f"{path}::V": v}, {"act": config.act, "method": "calinet", "layer": str(layer)})
     act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[config.act]
-    x_generic, y_sq = _capture_mlp(lm, path, generic_sentences("fit"))
+    fit_texts = generic_sentences("fit")
+    x_generic, y_sq = _capture_mlp(lm, path, fit_texts)
     x_generic = x_generic.to(device)
+    start = [lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id]
+    kl_ids = [start + lm.tokenizer(t, add_special_tokens=False).input_ids for t in fit_texts]
 
     steps_per_epoch = max(1, math.ceil(len(by_fact) / config.batch_size))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -268,6 +286,10 @@ def calibrate(
                 fit = _example_loss(lm, batch, delta)
             local = (act(x_generic @ k.T) @ v).pow(2).sum(-1).mean() / max(y_sq, 1e-12)
             loss = fit + config.locality_weight * local
+            if config.kl_weight > 0:
+                with _lock(lm):
+                    kl = _generic_kl(lm, rng.sample(kl_ids, min(config.kl_sentences, len(kl_ids))), delta)
+                loss = loss + config.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=[k, v])
             opt.step()
@@ -327,6 +349,7 @@ def measure(
     part: str = "test",
     threshold: float | None = None,
     splits: Sequence[TemplateSplit] | None = None,
+    generate: bool = True,
 ) -> dict[str, Any]:
     """Before/after metrics on the ``part`` ("test" or "val") templates, and perplexity on the
     shipped generic sentences that training never saw."""
@@ -337,8 +360,8 @@ def measure(
     ppl_before, ppl_after = perplexity(lm, texts), perplexity(lm, texts, deltas=[delta])
     return {
         part: {
-            "before": evaluate_templates(lm, facts, templates, None, threshold=threshold),
-            "after": evaluate_templates(lm, facts, templates, delta, threshold=threshold),
+            "before": evaluate_templates(lm, facts, templates, None, threshold=threshold, generate=generate),
+            "after": evaluate_templates(lm, facts, templates, delta, threshold=threshold, generate=generate),
         },
         "perplexity_generic": {"before": ppl_before, "after": ppl_after, "ratio": ppl_after / ppl_before},
     }
@@ -404,11 +427,13 @@ def evaluate_templates(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     alpha: float = DEFAULT_ALPHA,
+    generate: bool = True,
 ) -> dict[str, Any]:
     """False rate by CKA, exact match and F1 of the greedy object, over (fact, template) pairs.
 
     Facts with no template in ``templates`` (or without negative templates) are left out and
-    counted in ``n_skipped``.
+    counted in ``n_skipped``. ``generate=False`` skips free generation: exact match is then
+    read from teacher forcing (every object token is the argmax) and F1 is not measured.
     """
     deltas = [delta] if delta is not None else None
     pairs: list[tuple[int, str]] = []
@@ -429,15 +454,18 @@ def evaluate_templates(
     opts = dict(scoring=DEFAULT_SCORING, length_norm=DEFAULT_LENGTH_NORM)
     p_neg = {i: float(np.mean([neg_scores[it].prob(**opts) for it in its])) for i, its in neg_items.items()}
     cka = [cka_value(s.prob(**opts), [p_neg[i]], alpha) for s, (i, _) in zip(main, pairs)]
-    preds = generate_objects(lm, [facts[i] for i, _ in pairs], [t for _, t in pairs], deltas=deltas)
     golds = [facts[i].object for i, _ in pairs]
+    if generate:
+        preds = generate_objects(lm, [facts[i] for i, _ in pairs], [t for _, t in pairs], deltas=deltas)
+    else:
+        preds = [g if s.greedy else "" for g, s in zip(golds, main)]
     return {
         "n_facts": len(negatives),
         "n_pairs": len(pairs),
         "n_skipped": len(facts) - len(negatives),
         "false_rate": float(np.mean([c < threshold for c in cka])),
         "exact_match": float(np.mean([exact_match(p, g) for p, g in zip(preds, golds)])),
-        "f1": float(np.mean([f1_score(p, g) for p, g in zip(preds, golds)])),
+        "f1": float(np.mean([f1_score(p, g) for p, g in zip(preds, golds)])) if generate else float("nan"),
         "greedy_object": float(np.mean([s.greedy for s in main])),
         "mean_logprob": float(np.mean([s.logprob for s in main])),
         "examples": [
@@ -455,6 +483,7 @@ class CaliNet(Method[CaliNetConfig]):
     """Bulk calibration of facts; the request is a :class:`CalibrationRequest`, not an ``EditRequest``."""
 
     config_class = CaliNetConfig
+    accepts_edits = False
 
     def fit(self, lm, request: CalibrationRequest, config: CaliNetConfig, progress: ProgressFn | None = None) -> FitResult:
         if not isinstance(request, CalibrationRequest):
