@@ -117,7 +117,10 @@ class ApiBackend:
 
     def model_id(self) -> str:
         if self._model is None:
-            info = self.health()
+            try:
+                info = self.health()
+            except BackendError:  # a degraded service answers 503 but still names its model below
+                info = {}
             model = info.get("model")
             if isinstance(model, dict):
                 model = model.get("name") or model.get("id")
@@ -220,14 +223,21 @@ class InProcessBackend(ApiBackend):
             settings = eval_settings(self._tmp, key, model, **overrides)
         key = settings.admin_key.get_secret_value() if settings.admin_key else None
         self.settings = settings
-        self.app = create_app(settings)
-        client = TestClient(self.app, raise_server_exceptions=False)
-        client.__enter__()  # runs the app's startup (model load) now, not on the first call
+        try:
+            self.app = create_app(settings)
+            client = TestClient(self.app, raise_server_exceptions=False)
+            client.__enter__()  # runs the app's startup (model load) now, not on the first call
+        except BaseException:
+            self._remove_home()
+            raise
         super().__init__(client, key, batch=batch)
+
+    def _remove_home(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def close(self) -> None:
         try:
             self.client.__exit__(None, None, None)
         finally:
-            if self._tmp is not None:
-                shutil.rmtree(self._tmp, ignore_errors=True)
+            self._remove_home()
