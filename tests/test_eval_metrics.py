@@ -81,7 +81,9 @@ def test_locality_token_agreement_uses_positions_known_before():
     assert M.locality_token_agreement([True, True, False, True], [True, False, True, True], 0.75) == pytest.approx(2 / 3)
     # Without per-token flags: the post-edit accuracy on the pre-edit continuation.
     assert M.locality_token_agreement(None, None, 0.5) == 0.5
-    assert M.locality_token_agreement([False], [True], 0.4) == 0.4
+    # Nothing of the reference reproduced before the edit: not measurable.
+    assert M.locality_token_agreement([False], [True], 0.4) is None
+    assert M.locality_token_agreement(None, None, 0.4, 0.0) is None
     # Pre-edit accuracy on its own (re-tokenised) output below 1: relative, capped at 1.
     assert M.locality_token_agreement(None, None, 0.9, 0.9) == 1.0
     assert M.locality_token_agreement(None, None, 0.45, 0.9) == pytest.approx(0.5)
@@ -291,3 +293,13 @@ def test_base_only_run_has_one_row(tmp_path):
     res = _run(tmp_path, cases, stub, n=2, method="none")
     assert len(res.rows) == 1 and stub.edits == {}
     assert not math.isnan(res.rows[0]["rel_tf"]["mean"])
+
+
+def test_held_set_rule_can_accept_partial_answers(tmp_path):
+    cases = [EditCase(str(i), f"S{i} plays", f"T{i} sport", f"S{i}", f"truth{i} extra", None, None, None)
+             for i in range(6)]
+    facts = {c.prompt: f"truth{c.case_id} nope" for c in cases}  # half of every truth's tokens right
+    strict = _run(tmp_path, cases, StubService(facts), n=2, method="none")
+    assert strict.held["size"] == 0 and strict.rows[0]["held_accuracy"] is None
+    loose = _run(tmp_path, cases, StubService(facts), n=2, method="none", held_min_accuracy=0.5)
+    assert loose.held["size"] == 4 and loose.held["base_pool_accuracy"] == 1.0

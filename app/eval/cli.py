@@ -85,6 +85,9 @@ def eval_command(
     shuffle: bool = typer.Option(False, "--shuffle", help="Edit a seeded sample instead of the first n records."),
     curve_every: Optional[int] = typer.Option(None, "--curve-every", min=1, help="Curve point every k edits."),
     held: int = typer.Option(50, "--held", min=0, help="Largest held set for performance deterioration."),
+    held_min_accuracy: float = typer.Option(
+        1.0, "--held-min-accuracy", min=0.01, max=1.0,
+        help="Share of a held question's truth tokens that must be the argmax (1.0: greedy writes it)."),
     latency_probe: int = typer.Option(5, "--latency-probe", min=0,
                                       help="Single-query answers timed before and after the edits."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Output folder."),
@@ -107,7 +110,7 @@ def eval_command(
         raise typer.BadParameter(str(exc), param_hint="--file") from None
     cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
                      seed=seed, shuffle=shuffle, curve_every=curve_every, held=held,
-                     latency_probe=latency_probe)
+                     latency_probe=latency_probe, held_min_accuracy=held_min_accuracy)
     out = out or DEFAULT_RESULTS / f"eval-{dataset.value}-{method}-n{n}-{'seq' if sequential else 'ind'}"
     console = Console(stderr=True)
     console.print(f"{ds.name}: {len(ds.cases)} usable records, {ds.skipped} skipped {dict(ds.skip_reasons) or ''}")

@@ -118,7 +118,7 @@ def generation_agrees(before: str, after: str) -> bool:
 
 
 def locality_token_agreement(before_correct: Sequence[bool] | None, after_correct: Sequence[bool] | None,
-                             after_accuracy: float, before_accuracy: float | None = None) -> float:
+                             after_accuracy: float, before_accuracy: float | None = None) -> float | None:
     """Teacher-forced locality on the pre-edit greedy continuation of an unrelated prompt.
 
     The reference tokens are the pre-edit model's own greedy output, so at every position where
@@ -126,15 +126,17 @@ def locality_token_agreement(before_correct: Sequence[bool] | None, after_correc
     EasyEdit reports. With per-token flags both ways the positions are restricted to those the
     pre-edit model reproduces (normally all). Without them, the post-edit accuracy on the
     reference relative to the pre-edit one (capped at 1): the service returns answers stripped,
-    so re-tokenising one can cost a token ("'s" read back as " 's").
+    so re-tokenising one can cost a token ("'s" read back as " 's"). None when the pre-edit
+    model reproduces no token of the reference: there is nothing to compare.
     """
     if before_correct is not None and after_correct is not None and len(before_correct) == len(after_correct):
         kept = [a for b, a in zip(before_correct, after_correct) if b]
-        if kept:
-            return sum(kept) / len(kept)
-    if before_accuracy:
-        return min(1.0, after_accuracy / before_accuracy)
-    return after_accuracy
+        return sum(kept) / len(kept) if kept else None
+    if before_accuracy is None:
+        return after_accuracy
+    if before_accuracy <= 0:
+        return None
+    return min(1.0, after_accuracy / before_accuracy)
 
 
 def performance_deterioration(acc_base: float | None, acc_edited: float | None) -> float | None:

@@ -128,7 +128,8 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         f"- git commit: `{env['git']['commit']}`{' (uncommitted changes)' if env['git'].get('dirty') else ''}",
         f"- date (UTC): {env['date']}; python {env['python']}, torch {env.get('torch', '?')}, "
         f"{env.get('threads', '?')} threads",
-        f"- held set: {results['held'].get('size', 0)} questions the base model answers exactly "
+        f"- held set: {results['held'].get('size', 0)} questions the base model answers "
+        f"({'exactly' if cfg.get('held_min_accuracy', 1.0) >= 1.0 else 'with at least ' + str(cfg['held_min_accuracy']) + ' of the truth tokens as argmax'}) "
         f"(from {results['held'].get('pool', 0)} unedited records, base accuracy there "
         f"{_num(results['held'].get('base_pool_accuracy'))})",
         "",

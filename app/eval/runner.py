@@ -44,6 +44,11 @@ class EvalConfig(BaseModel):
     )
     held: int = Field(default=50, ge=0, description="Largest held set (base-correct questions) for deterioration.")
     held_pool: int = Field(default=400, ge=0, description="Unedited records examined to build the held set.")
+    held_min_accuracy: float = Field(
+        default=1.0, gt=0, le=1.0,
+        description="A held question counts as answered when this share of its truth's tokens is the argmax "
+        "(1.0: all of them, i.e. greedy decoding writes the truth).",
+    )
     mode: Literal["completion", "chat"] = Field(default="completion", description="Prompt form for scoring and answers.")
     locality_tokens: int = Field(default=8, ge=1, description="Greedy tokens compared for locality exact match.")
     max_answer_tokens: int = Field(default=48, ge=1, description="Cap on greedy tokens generated per target.")
@@ -224,7 +229,7 @@ class Runner:
         if not pool or self.cfg.held == 0:
             return [], {"pool": len(pool), "base_pool_accuracy": None, "size": 0}
         scores = self._score([(c.prompt, c.truth or "") for c in pool])
-        right = [c for c, s in zip(pool, scores) if s.all_correct]
+        right = [c for c, s in zip(pool, scores) if self._answered(s)]
         held = right[: self.cfg.held]
         return held, {"pool": len(pool), "base_pool_accuracy": len(right) / len(pool), "size": len(held)}
 
@@ -232,7 +237,12 @@ class Runner:
         if not held:
             return None, []
         scores = self._score([(c.prompt, c.truth or "") for c in held])
-        return sum(s.all_correct for s in scores) / len(scores), scores
+        return sum(self._answered(s) for s in scores) / len(scores), scores
+
+    def _answered(self, s: ScoreOutcome) -> bool:
+        if self.cfg.held_min_accuracy >= 1.0:
+            return s.all_correct
+        return s.token_accuracy >= self.cfg.held_min_accuracy - 1e-9
 
     # -- rows --------------------------------------------------------------------------------------
     def row(self, name: str, results: Sequence[CaseResult], **extra: Any) -> dict[str, Any]:
