@@ -1,0 +1,46 @@
+"""End to end with the real embedded model over real PostgreSQL and Redis: an edit holds for its
+prompt and a paraphrase, leaves unrelated questions alone, and a revert gives the base model back."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import ADMIN, EDITOR, READER, auth
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "The mother tongue of Danielle Darrieux is"
+PARAPHRASE = "Danielle Darrieux's mother tongue is"
+UNRELATED = ["The capital of France is", "The mother tongue of Albert Einstein is"]
+
+
+def ask(client, q: str) -> dict:
+    r = client.get("/answer", params={"q": q, "max_new_tokens": 6, "mode": "completion"}, headers=auth(READER))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_edit_paraphrase_locality_and_revert_on_the_real_model(service, real_lm):
+    client, _ = service(lm=real_lm)
+    before = {q: ask(client, q)["answer"] for q in [PROMPT, PARAPHRASE, *UNRELATED]}
+    assert not before[PROMPT].startswith("Swedish")
+
+    r = client.post("/edits", json={"prompt": PROMPT, "target": "Swedish", "subject": "Danielle Darrieux",
+                                     "config": {"subject_templates": 8}},
+                    headers=auth(EDITOR))
+    assert r.status_code == 201, r.text
+    edit = r.json()
+    assert edit["metrics"]["success"] == 1.0
+
+    for q in (PROMPT, PARAPHRASE):
+        got = ask(client, q)
+        assert got["edit_id"] == edit["id"], (q, got)
+        assert got["answer"].startswith("Swedish"), (q, got)
+    for q in UNRELATED:
+        got = ask(client, q)
+        assert got["edit_id"] is None and got["answer"] == before[q], (q, got)
+
+    assert client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN)).status_code == 200
+    for q in (PROMPT, PARAPHRASE, *UNRELATED):
+        got = ask(client, q)
+        assert got["edit_id"] is None and got["answer"] == before[q], (q, got)
