@@ -10,7 +10,9 @@ from app.delta import Delta
 from app.lm.arch import linear_dims
 from app.methods import EditRequest, get
 from app.methods.base import ValidationError
-from app.methods.pnp.method import TailForward, adapted_modules, build_groups, init_delta, kept_logits
+from app.methods.pnp.method import (
+    TailForward, adapted_layers, adapted_modules, build_groups, init_delta, kept_logits,
+)
 
 PROMPT, TARGET = "The capital of Freedonia is", "Paris"
 CONFIG = {"lr": 0.05, "max_steps": 150, "min_prob": 0.0, "layers": 2}
@@ -48,7 +50,7 @@ def test_fit_makes_the_target_the_argmax_in_both_forms(lm, fitted):
 def test_delta_is_lora_on_the_mlps_of_middle_blocks(lm, fitted):
     delta = fitted[0].delta
     assert delta.kind == "lora" and delta.scale == 1.0
-    assert delta.modules() == [lm.arch.blocks[i].mlp_out for i in lm.arch.middle_layers(2)]
+    assert delta.modules() == [lm.arch.blocks[i].mlp_out for i in adapted_layers(lm, get("pnp").parse_config(CONFIG))]
     for path in delta.modules():
         d_in, d_out = linear_dims(lm.arch.module(path))
         assert tuple(delta.get(path, "A").shape) == (4, d_in)
@@ -107,6 +109,14 @@ def test_training_batches_cover_prompt_paraphrases_forms_and_locality(lm):
     assert build_groups(lm, EditRequest(PROMPT, TARGET, modes=("completion",)), no_kl)[1:] == (1, 0)
 
 
+def test_layer_count_is_placed_by_depth(lm):
+    pick = lambda **kw: adapted_layers(lm, get("pnp").parse_config(kw))  # noqa: E731
+    n = lm.arch.num_layers
+    assert pick(layers=1, depth=0.0) == [0] and pick(layers=1, depth=1.0) == [n - 1]
+    assert pick(layers=n + 3) == list(range(n))
+    assert pick(layers=[-1, 0]) == [0, n - 1]
+
+
 def test_unknown_or_invalid_config_is_rejected(lm):
     method = get("pnp")
     with pytest.raises(ValidationError):
@@ -130,7 +140,7 @@ def test_cached_tail_forward_matches_a_full_forward_with_the_delta_active(lm, fi
     delta = fitted[0].delta
     groups, _, _ = build_groups(lm, EditRequest(PROMPT, TARGET, paraphrases=["Freedonia has the capital"]),
                                 get("pnp").parse_config({}))
-    start = lm.arch.middle_layers(2)[0]
+    start = adapted_layers(lm, get("pnp").parse_config(CONFIG))[0]
     with torch.no_grad(), lm.active([delta]):
         for group in groups:
             tail = TailForward(lm, group, start)

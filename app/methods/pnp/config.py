@@ -15,15 +15,22 @@ class PnPConfig(MethodConfig):
     rank: int = Field(default=4, ge=1, le=64, description="LoRA rank r of every adapted projection.")
     layers: int | list[int] = Field(
         default=4,
-        description="Blocks to adapt: a count of consecutive blocks centred on the middle of the stack, "
+        description="Blocks to adapt: a count of consecutive blocks centred at relative depth `depth`, "
         "or an explicit list of block indices (negative counts from the top).",
+    )
+    depth: float = Field(
+        default=0.6,
+        ge=0.0,
+        le=1.0,
+        description="Where a count of `layers` sits: relative depth of their centre (0 the first block, "
+        "1 the last). Higher is cheaper to train (fewer blocks above the lowest adapter run twice).",
     )
     linears: Literal["out", "in", "all"] = Field(
         default="out",
         description="Which MLP projections get an adapter: `out` (the MLP's output projection), "
         "`in` (every other MLP projection) or `all`.",
     )
-    lr: float = Field(default=1e-2, gt=0, le=1.0, description="Adam learning rate of the adapter tensors.")
+    lr: float = Field(default=3e-2, gt=0, le=1.0, description="Adam learning rate of the adapter tensors.")
     max_steps: int = Field(default=40, ge=1, le=1000, description="Most optimiser steps before giving up.")
     min_prob: float = Field(
         default=0.5,
@@ -55,7 +62,7 @@ class PnPConfig(MethodConfig):
         "being the first words of the input.",
     )
     subject_templates: int = Field(
-        default=0,
+        default=6,
         ge=0,
         le=16,
         description="Extra completion-form training prompts that mention the subject in generic frames "

@@ -87,7 +87,11 @@ class _Group:
 def adapted_layers(lm: LM, config: PnPConfig) -> list[int]:
     """Block indices that get an adapter."""
     if isinstance(config.layers, int):
-        return lm.arch.middle_layers(config.layers)
+        n = lm.arch.num_layers
+        count = min(config.layers, n)
+        start = round(config.depth * (n - 1) - (count - 1) / 2)
+        start = max(0, min(start, n - count))
+        return list(range(start, start + count))
     return sorted({lm.arch.resolve_layer(i) for i in config.layers})
 
 
