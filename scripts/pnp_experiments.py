@@ -442,8 +442,11 @@ def cmd_e2e(args) -> None:
     selector = build_selector(lm, kw.pop("encoder", "minilm"), **kw)
     deltas, fit_ms, steps, conv = {}, [], [], []
     t_all = time.perf_counter()
+    cpu_ms = []
     for i, c in enumerate(cases):
+        c0 = time.process_time()
         res = method.fit(lm, EditRequest(c.prompt, c.target, subject=c.subject), config)
+        cpu_ms.append((time.process_time() - c0) * 1000)
         rec = selector.keys_for(c.prompt, [], c.subject)
         rec.edit_id = str(i)
         selector.add(rec)
@@ -481,13 +484,15 @@ def cmd_e2e(args) -> None:
     summary = {
         "dataset": args.dataset, "n": len(cases), "start": args.start, "config": json.loads(args.config),
         "selector": {"encoder": selector.encoder.name, "threshold": selector.threshold,
-                     "open_threshold": selector.open_threshold, "rule": selector.rule},
+                     "subjectless_threshold": selector.subjectless_threshold,
+                     "unnamed_threshold": selector.unnamed_threshold, "rule": selector.rule},
         "reliability_tf": mean("prompt_tf"), "generalization_tf": mean("rephrase_tf"),
         "reliability_greedy": mean("prompt_greedy"), "generalization_greedy": mean("rephrase_greedy"),
         "locality": mean("loc_same"),
         "routing": {k: {v: frac(f"{k}_route", v) for v in ("own", "wrong", "none")} for k in ("prompt", "rephrase")}
         | {"loc": {v: frac("loc_route", v) for v in ("none", "routed")}},
         "fit_ms_p50": ms[len(ms) // 2], "fit_ms_p95": ms[int(len(ms) * 0.95)],
+        "fit_cpu_ms_p50": sorted(cpu_ms)[len(ms) // 2], "fit_cpu_ms_p95": sorted(cpu_ms)[int(len(ms) * 0.95)],
         "steps_mean": statistics.mean(steps), "converged": statistics.mean(map(float, conv)),
         "fit_wall_s": fit_wall, "threads": args.threads,
     }
