@@ -102,6 +102,9 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
     mode = "sequential (all edits kept active; measured after the last edit)" if cfg["sequential"] else \
         "independent (each edit alone, reverted after its measurement)"
     t = results["timing"]
+    partial = [f"{row['name']}: {label} over {row[k]['n']} of {row['n']} cases"
+               for row in results["rows"] for k, label in METRIC_COLUMNS
+               if row.get(k) and row[k].get("n") not in (None, row["n"])]
     parts = [
         f"# factpatch eval: {cfg['method']} on {ds['name']} ({ds['edited']} edits)",
         "",
@@ -109,6 +112,8 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         "",
         markdown_table(header, rows),
         "",
+        *([f"Cells over fewer cases (no paraphrase or locality prompt in the record, or a locality reference "
+           f"the pre-edit model does not reproduce): {'; '.join(partial)}.", ""] if partial else []),
         "Means with 95% bootstrap intervals. TF: teacher-forced token accuracy of the target as the "
         "prompt's continuation (as EasyEdit reports). Greedy EM: the greedy generation begins with the "
         "whole target. Locality compares each unrelated prompt's output after the edits with its output "
