@@ -226,3 +226,13 @@ def test_api_backend_speaks_the_contract():
     assert b.model_id() == "tiny"
     b.revert("e1")
     assert seen[-1][:2] == ("POST", "/admin/edits/e1/revert")
+
+
+def test_unreachable_service_is_a_clear_error(tmp_path):
+    from app.eval.bench import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    res = runner.invoke(standalone(), ["eval", "--dataset", "counterfact", "--file", str(_cf_file(tmp_path)),
+                                       "--n", "2", "--url", url, "--key", "k", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1, res.output
+    assert "eval stopped" in res.output and not (tmp_path / "o").exists()

@@ -337,6 +337,8 @@ def bench_edits(cfg: BenchConfig, backend, console=None) -> dict[str, Any]:
                 res = backend.edit(EditCase(f"bench-{i}", prompt, target, subject), method, None)
             except BackendError as exc:
                 errors.append(f"{exc.code}: {exc.message}")
+                if exc.code == "unknown_method":  # registered, but not a method POST /edits takes
+                    break
                 continue
             wall.append(res.wall_ms)
             if res.fit_ms is not None:

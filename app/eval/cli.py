@@ -118,6 +118,10 @@ def eval_command(
         console.print(f"[yellow]only {len(ds.cases)} usable records: editing all of them[/]")
     _threads(threads)
     _quiet_http_logs()
+    import httpx
+
+    from app.eval.backends import BackendError
+
     backend, where = make_backend(url, key, model)
     try:
         with _progress() as bar:
@@ -129,6 +133,10 @@ def eval_command(
                 bar.update(tasks[stage], completed=done, total=total)
 
             result = Runner(backend, cfg, progress).run(ds)
+    except (BackendError, httpx.HTTPError) as exc:
+        # The service refused the run (unknown method, bad config, missing role) or is unreachable.
+        console.print(f"[red]eval stopped: {exc}[/]")
+        raise typer.Exit(1) from None
     finally:
         backend.close()
     data = result.as_dict()
