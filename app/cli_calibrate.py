@@ -130,6 +130,7 @@ def calibrate_cmd(
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Measure EM/F1 by free generation (slower) or EM by teacher forcing."),
     init_std: Optional[float] = typer.Option(None, "--init-std", help="Std of the random key init."),
     kl_weight: Optional[float] = typer.Option(None, "--kl-weight", help="Weight of the KL term on generic sentences."),
+    key_init: Optional[str] = typer.Option(None, "--key-init", help="random or data."),
     selected: Optional[Path] = typer.Option(
         None, "--selected", help="Cache of the screened facts: read if it exists (same file, n, seed), else written."
     ),
@@ -142,7 +143,7 @@ def calibrate_cmd(
     if split not in ("test", "val"):
         raise typer.BadParameter("--split must be test or val")
     overrides = {k: v for k, v in dict(layer=layer, slots=slots, epochs=epochs, steps=steps, lr=lr,
-                 locality_weight=locality_weight, batch_size=batch_size, seed=seed, init_std=init_std, kl_weight=kl_weight).items() if v is not None}
+                 locality_weight=locality_weight, batch_size=batch_size, seed=seed, init_std=init_std, kl_weight=kl_weight, key_init=key_init).items() if v is not None}
     config = CaliNetConfig(evaluate=False, **overrides)
     lm = load_lm(model)
     facts = calibratable(load_facts(file, relation=relation))

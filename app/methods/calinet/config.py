@@ -43,6 +43,12 @@ class CaliNetConfig(MethodConfig):
     init_std: float = Field(
         default=0.02, ge=0.0, le=1.0, description="Std of the random key init; values start at zero, so the delta starts as a no-op.",
     )
+    key_init: Literal["random", "data"] = Field(
+        default="random",
+        description="Key init: `random` (normal, `init_std`) or `data` (each slot keyed on the centred MLP input at "
+        "the last prompt token of one fact, so it fires on that fact from the first step).",
+    )
+    key_scale: float = Field(default=1.0, gt=0.0, le=100.0, description="Activation a `data` key gives its own prompt.")
     locality_weight: float = Field(
         default=1.0, ge=0.0,
         description="Weight of the penalty on the slots' output over generic text (relative to the MLP's own output), "

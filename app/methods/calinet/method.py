@@ -159,6 +159,39 @@ def _capture_mlp(lm, mlp_path: str, texts: Sequence[str]) -> tuple[torch.Tensor,
     return x.clone(), float(y.pow(2).sum(-1).mean())
 
 
+def _data_keys(lm, mlp_path: str, examples: Sequence[Example], slots: int, mu: torch.Tensor, scale: float,
+               rng: random.Random) -> torch.Tensor:
+    """Keys that fire on the facts' own prompts: slot i reads the MLP input at the last prompt
+    token of one training example (one fact per slot, facts in random order, cycling when there
+    are more slots than facts), centred on the mean generic input so that ordinary text
+    activates it less; scaled so that its own example gives ``x . k = scale``."""
+    by_fact: dict[int, list[Example]] = {}
+    for e in examples:
+        by_fact.setdefault(e.fact, []).append(e)
+    facts = list(by_fact)
+    rng.shuffle(facts)
+    chosen = [rng.choice(by_fact[facts[i % len(facts)]]) for i in range(slots)]
+    module = lm.arch.module(mlp_path)
+    rows: list[torch.Tensor] = []
+
+    def hook(_m, inputs, _output):
+        rows.append(inputs[0].detach()[:, -1].float())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with lm.active(None), torch.inference_mode():
+            for start in range(0, len(chosen), 64):
+                ids, attn, pos = pack_left(lm, [list(e.prompt) for e in chosen[start : start + 64]])
+                with _lock(lm):
+                    lm.model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1)
+    finally:
+        handle.remove()
+    x = torch.cat(rows).cpu()
+    d = x - mu.cpu()
+    dot = (x * d).sum(-1, keepdim=True).clamp(min=1e-6)
+    return (scale * d / dot).clone()
+
+
 def _lock(lm):
     return getattr(lm, "_lock", None) or nullcontext()
 
@@ -258,14 +291,17 @@ def calibrate(
 
     gen = torch.Generator().manual_seed(config.seed)
     device = lm.device
-    k = (torch.randn(slots, d_in, generator=gen) * config.init_std).to(device).requires_grad_(True)
-    v = torch.zeros(slots, d_out, device=device, requires_grad=True)
     path = block.mlp
-    delta = Delta("ffn_slots", {f"{path}::K": k, f"{path}::V": v}, {"act": config.act, "method": "calinet", "layer": str(layer)})
-    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[config.act]
     fit_texts = generic_sentences("fit")
     x_generic, y_sq = _capture_mlp(lm, path, fit_texts)
     x_generic = x_generic.to(device)
+    k0 = torch.randn(slots, d_in, generator=gen) * config.init_std
+    if config.key_init == "data":
+        k0 = _data_keys(lm, path, train, slots, x_generic.mean(0), config.key_scale, rng)
+    k = k0.to(device).requires_grad_(True)
+    v = torch.zeros(slots, d_out, device=device, requires_grad=True)
+    delta = Delta("ffn_slots", {f"{path}::K": k, f"{path}::V": v}, {"act": config.act, "method": "calinet", "layer": str(layer)})
+    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[config.act]
     start = [lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id]
     kl_ids = [start + lm.tokenizer(t, add_special_tokens=False).input_ids for t in fit_texts]
 
