@@ -29,7 +29,7 @@ FACTS = [
     Fact("Albert Einstein", "Ulm", "P19"),
     Fact("Italy", "Rome", None, "The capital of [X] is [Y].", ("[Y] is a small city in [X].",)),
 ]
-FAST = dict(steps=25, lr=0.05, slots=8, evaluate=False, locality_weight=0.0, eval_every=5)
+FAST = dict(steps=25, lr=0.05, slots=8, evaluate=False, locality_weight=0.0, kl_weight=0.0, eval_every=5)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,27 @@ def test_kl_and_locality_terms_train(llama):
     config = CaliNetConfig(steps=3, slots=4, evaluate=False, kl_weight=1.0, locality_weight=1.0)
     result = calibrate(llama, FACTS[:2], config)
     assert result.steps == 3 and result.metrics["last_train_loss"] > 0
+
+
+def test_data_keys_fire_on_their_own_prompt(llama):
+    import random
+
+    from app.methods.calinet.method import _data_keys
+
+    lm = llama
+    examples = build_examples(lm, FACTS[:2], [s.train[:1] for s in fact_splits(FACTS[:2])])
+    mlp = lm.arch.blocks[1].mlp
+    mu = torch.zeros(lm.arch.hidden_size)
+    keys = _data_keys(lm, mlp, examples, 2, mu, 1.5, random.Random(0))
+    seen = []
+    handle = lm.arch.module(mlp).register_forward_hook(lambda m, i, o: seen.append(i[0][0, -1]))
+    with torch.no_grad():
+        for e in examples:
+            lm.model(input_ids=torch.tensor([list(e.prompt)]))
+    handle.remove()
+    acts = torch.stack(seen) @ keys.T  # each example matches exactly one key at 1.5
+    assert keys.shape == (2, lm.arch.hidden_size)
+    assert sorted(round(float(a), 3) for a in acts.max(dim=1).values) == [1.5, 1.5]
 
 
 def test_progress_reports_every_step(trained):

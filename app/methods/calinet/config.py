@@ -18,7 +18,7 @@ class CaliNetConfig(MethodConfig):
         "Unset: `default_layer_fraction` of the depth.",
     )
     default_layer_fraction: float = Field(
-        default=0.67, ge=0.0, le=1.0,
+        default=0.48, ge=0.0, le=1.0,
         description="Where the slots go when `layer` is unset, as a fraction of the depth (0: first block, 1: last).",
     )
     slots: int | None = Field(
@@ -34,12 +34,12 @@ class CaliNetConfig(MethodConfig):
     )
     act: Literal["gelu", "relu", "silu"] = Field(default="gelu", description="Activation of the slots (CaliNet: GELU).")
     epochs: float = Field(
-        default=6.0, gt=0.0, le=100.0,
+        default=12.0, gt=0.0, le=100.0,
         description="Passes over the facts; one pass shows every fact once, with one of its train templates drawn at random.",
     )
     steps: int | None = Field(default=None, ge=1, le=100000, description="Optimiser steps. Unset: from `epochs`.")
     batch_size: int = Field(default=32, ge=1, le=512, description="Training examples per step.")
-    lr: float = Field(default=5e-3, gt=0.0, le=1.0, description="Adam learning rate of the slots.")
+    lr: float = Field(default=2e-2, gt=0.0, le=1.0, description="Adam learning rate of the slots.")
     init_std: float = Field(
         default=0.02, ge=0.0, le=1.0, description="Std of the random key init; values start at zero, so the delta starts as a no-op.",
     )
@@ -50,12 +50,12 @@ class CaliNetConfig(MethodConfig):
     )
     key_scale: float = Field(default=1.0, gt=0.0, le=100.0, description="Activation a `data` key gives its own prompt.")
     locality_weight: float = Field(
-        default=1.0, ge=0.0,
+        default=10.0, ge=0.0,
         description="Weight of the penalty on the slots' output over generic text (relative to the MLP's own output), "
         "which keeps perplexity on unrelated text.",
     )
     kl_weight: float = Field(
-        default=0.0, ge=0.0,
+        default=2.0, ge=0.0,
         description="Weight of KL(base || calibrated) of the next-token distributions over generic sentences "
         "(a few per step); the direct guard on perplexity, at the price of two extra small forwards per step.",
     )
@@ -63,7 +63,7 @@ class CaliNetConfig(MethodConfig):
     eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks (early stopping).")
     patience: int = Field(default=3, ge=1, description="Validation checks without improvement before stopping.")
     max_val_examples: int = Field(default=256, ge=1, description="Validation examples per check (a fixed sample).")
-    max_facts: int = Field(default=5000, ge=1, description="Most facts one calibration accepts.")
+    max_facts: int = Field(default=1000, ge=1, le=5000, description="Most facts one calibration accepts.")
     evaluate: bool = Field(
         default=True, description="Measure before/after metrics on the test templates (costs about as much as training)."
     )
