@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DATA = Path("/work/shared/data")
+DATA = ROOT.parent / "shared" / "data"
 CF_TRAIN = DATA / "counterfact" / "counterfact_train.json"
 CF_VAL = DATA / "counterfact" / "counterfact_val.json"
 ZSRE = DATA / "zsre" / "zsre_train_1k.json"
