@@ -190,6 +190,35 @@ def test_replicas_share_edits_through_redis(service):
     assert answer(b, EDIT["prompt"])["edit_id"] is None
 
 
+def test_supersede_of_an_edit_another_replica_reverts_meanwhile_is_refused(service, monkeypatch):
+    """Replica B routes a new edit to an active one and trains it; meanwhile replica A reverts
+    that edit. B's commit must not mark the reverted edit superseded (the row lock decides)."""
+    a, rt_a = service()
+    b, rt_b = service()
+    first = create(a).json()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and first["id"] not in rt_b.selector:
+        time.sleep(0.1)
+    measure = type(rt_b.edits)._measure
+
+    def revert_meanwhile(self, *args, **kwargs):
+        assert a.post(f"/admin/edits/{first['id']}/revert", headers=auth(ADMIN)).status_code == 200
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(rt_b.edits, "_measure", revert_meanwhile.__get__(rt_b.edits))
+    r = create(b, {**EDIT, "target": "infrared"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "edit_conflict", r.text
+    assert count_rows(rt_a) == {"reverted": 1}
+    assert [k.edit_id for k in rt_a.memory.all()] == []
+    monkeypatch.undo()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and first["id"] in rt_b.selector:
+        time.sleep(0.1)
+    retry = create(b, {**EDIT, "target": "infrared"})  # the retry is a plain new edit
+    assert retry.status_code == 201 and retry.json()["supersedes_id"] is None
+    assert count_rows(rt_a) == {"reverted": 1, "active": 1}
+
+
 def test_concurrent_answers_never_mix_deltas(service):
     client, _ = service()
     create(client)

@@ -224,7 +224,15 @@ class EditService:
                 audit.record(actor=actor, action="edit.create", entity_type="edit", entity_id=edit.id,
                              method=edit.method, target=edit.target)
                 if superseded is not None:
-                    old = repo.get(superseded.id)
+                    # Another replica may have reverted or superseded it since this one routed the
+                    # prompt (its mirror lags by a pub/sub message): the row lock decides.
+                    old = repo.get(superseded.id, for_update=True)
+                    if old is None or old.status != "active":
+                        raise Conflict(
+                            f"edit {superseded.id} that this edit would supersede is no longer active "
+                            f"({old.status if old else 'gone'}); nothing was stored, retry the request",
+                            code="edit_conflict",
+                        )
                     repo.set_status(old, "superseded")
                     audit.record(actor=actor, action="edit.supersede", entity_type="edit", entity_id=old.id,
                                  superseded_by=edit.id)
@@ -280,14 +288,18 @@ class EditService:
                 raise NotFound(f"no edit {edit_id}", code="edit_not_found")
             if edit.status == "reverted":
                 return edit
-            was_active = edit.status == "active"
             reinstated: Edit | None = None
-            removed_stored = self.sync.memory.get(edit_id) if was_active else None
+            removed_stored = self.sync.memory.get(edit_id) if edit.status == "active" else None
             changed: list[tuple[str, object]] = []  # memory changes to undo if the transaction fails
             try:
                 with self.db.transaction() as s:
                     repo, audit = EditRepo(s), AuditRepo(s)
-                    row = repo.get(edit_id, with_delta=True)
+                    # The locked row, not the read above, says what to undo: another replica may
+                    # have superseded or reverted it in between.
+                    row = repo.get(edit_id, with_delta=True, for_update=True)
+                    if row.status == "reverted":
+                        return self.get(edit_id)
+                    was_active = row.status == "active"
                     repo.set_status(row, "reverted")
                     audit.record(actor=actor, action="edit.revert", entity_type="edit", entity_id=row.id,
                                  previous_status="active" if was_active else "superseded")

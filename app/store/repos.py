@@ -48,10 +48,14 @@ class EditRepo:
     def __init__(self, session: Session):
         self.s = session
 
-    def get(self, edit_id: str, *, with_delta: bool = False) -> Edit | None:
+    def get(self, edit_id: str, *, with_delta: bool = False, for_update: bool = False) -> Edit | None:
+        """One edit; ``for_update`` locks its row until the transaction ends (PostgreSQL), so that
+        replicas changing the same edit at once are serialised and each sees the other's result."""
         stmt = select(Edit).where(Edit.id == edit_id)
         if with_delta:
             stmt = stmt.options(selectinload(Edit.delta), selectinload(Edit.keys))
+        if for_update:
+            stmt = stmt.with_for_update()
         return self.s.scalars(stmt).first()
 
     def by_idempotency_key(self, key: str) -> Edit | None:
