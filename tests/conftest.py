@@ -4,6 +4,7 @@ random models for fast tests, and the real embedded model for the end-to-end one
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,21 @@ ADMIN, EDITOR, READER = "fp_test_admin_key", "fp_test_editor_key", "fp_test_read
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+def ask(client, q: str, n: int = 6) -> dict:
+    """``GET /answer`` in completion form as the reader; asserts 200."""
+    r = client.get("/answer", params={"q": q, "max_new_tokens": n, "mode": "completion"}, headers=auth(READER))
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 @pytest.fixture(scope="session")

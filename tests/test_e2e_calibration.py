@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from app.knowledge.templates import load_relations, split_templates
-from tests.conftest import ADMIN, EDITOR, READER, auth
+from tests.conftest import ADMIN, EDITOR, READER, ask, auth
 from tests.test_knowledge_api import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -34,11 +34,6 @@ UNSEEN = [
 ]
 UNRELATED = ["The capital of France is", "The mother tongue of Albert Einstein is"]
 
-
-def ask(client, q: str) -> dict:
-    r = client.get("/answer", params={"q": q, "max_new_tokens": 6, "mode": "completion"}, headers=auth(READER))
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_detect_calibrate_unseen_templates_and_revert_on_the_real_model(service, real_lm):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ADMIN, EDITOR, READER, auth
+from tests.conftest import ADMIN, EDITOR, READER, ask, auth
 
 pytestmark = pytest.mark.e2e
 
@@ -13,11 +13,6 @@ PROMPT = "The mother tongue of Danielle Darrieux is"
 PARAPHRASE = "Danielle Darrieux's mother tongue is"
 UNRELATED = ["The capital of France is", "The mother tongue of Albert Einstein is"]
 
-
-def ask(client, q: str) -> dict:
-    r = client.get("/answer", params={"q": q, "max_new_tokens": 6, "mode": "completion"}, headers=auth(READER))
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_edit_paraphrase_locality_and_revert_on_the_real_model(service, real_lm):

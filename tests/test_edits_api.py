@@ -6,11 +6,10 @@ concurrent isolation."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from tests.conftest import ADMIN, EDITOR, READER, auth
+from tests.conftest import ADMIN, EDITOR, READER, auth, wait_until
 
 FAST = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0}
 EDIT = {"prompt": "The favourite colour of Zorblax Quint is", "target": "ultraviolet",
@@ -179,14 +178,10 @@ def test_replicas_share_edits_through_redis(service):
     a, rt_a = service()
     b, rt_b = service()
     edit = create(a).json()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and edit["id"] not in rt_b.selector:
-        time.sleep(0.1)
+    wait_until(lambda: edit["id"] in rt_b.selector)
     assert answer(b, EDIT["prompt"])["edit_id"] == edit["id"]
     a.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and edit["id"] in rt_b.selector:
-        time.sleep(0.1)
+    wait_until(lambda: edit["id"] not in rt_b.selector)
     assert answer(b, EDIT["prompt"])["edit_id"] is None
 
 
@@ -196,9 +191,7 @@ def test_supersede_of_an_edit_another_replica_reverts_meanwhile_is_refused(servi
     a, rt_a = service()
     b, rt_b = service()
     first = create(a).json()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and first["id"] not in rt_b.selector:
-        time.sleep(0.1)
+    assert wait_until(lambda: first["id"] in rt_b.selector)
     measure = type(rt_b.edits)._measure
 
     def revert_meanwhile(self, *args, **kwargs):
@@ -211,9 +204,7 @@ def test_supersede_of_an_edit_another_replica_reverts_meanwhile_is_refused(servi
     assert count_rows(rt_a) == {"reverted": 1}
     assert [k.edit_id for k in rt_a.memory.all()] == []
     monkeypatch.undo()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and first["id"] in rt_b.selector:
-        time.sleep(0.1)
+    wait_until(lambda: first["id"] not in rt_b.selector)
     retry = create(b, {**EDIT, "target": "infrared"})  # the retry is a plain new edit
     assert retry.status_code == 201 and retry.json()["supersedes_id"] is None
     assert count_rows(rt_a) == {"reverted": 1, "active": 1}
