@@ -136,9 +136,8 @@ def calibrate_cmd(
     ),
 ) -> None:
     """Calibrate facts the model gets wrong and measure the change on unseen templates."""
-    import sys
-
     from app.cli_detect import load_lm
+    from app.eval.cli import _command_line
 
     if split not in ("test", "val"):
         raise typer.BadParameter("--split must be test or val")
@@ -172,7 +171,7 @@ def calibrate_cmd(
     metrics.update(measure(lm, wrong, result.delta, part=split, splits=fact_splits(wrong), generate=generate))
     metrics["eval_seconds"] = round(time.perf_counter() - t1, 1)
     report = {
-        "command": "factpatch calibrate " + " ".join(sys.argv[1:]),
+        "command": "factpatch " + " ".join(_command_line("calibrate")),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "split": split,
         "config": config.model_dump(),
