@@ -66,6 +66,7 @@ class DetectionReport:
     rates_test: dict[str, float]
     variants_dev: list[dict] = field(default_factory=list)
     per_relation_test: dict[str, dict] = field(default_factory=dict)
+    command: str = ""
 
 
 def candidate_ids(lm, pool: dict[str, list[str]], relations) -> dict[str, tuple[int, ...]]:
@@ -208,6 +209,7 @@ def markdown(report: DetectionReport) -> str:
     lines = [
         f"# CKA detection: {r.n_pairs} true/false pairs ({r.date})",
         "",
+        *([f"`{r.command}`", ""] if r.command else []),
         f"File `{r.file}`, relation {r.relation or 'all'}, seed {r.seed}; false facts: same subject and relation, "
         f"object of another fact of the relation. Dev half {r.n_dev} pairs (choices, threshold), "
         f"test half {r.n_test} pairs (reported). Scoring `{r.scoring}`, length_norm {r.length_norm}, "
@@ -313,6 +315,9 @@ def detect(
         lm, all_facts, relation=relation, n=n, seed=seed, top_k=top_k, alpha=alpha, scoring=scoring,
         length_norm=length_norm, threshold=threshold, batch_size=batch_size, file=str(file),
     )
+    from app.eval.cli import _command_line
+
+    report.command = "factpatch " + " ".join(_command_line("detect"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "detect.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     (out / "detect.md").write_text(markdown(report))
