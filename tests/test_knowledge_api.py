@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import ADMIN, EDITOR, READER, auth
+from tests.conftest import ADMIN, EDITOR, READER, auth, wait_until
 
 FACTS = [
     {"subject": "France", "relation": "P36", "object": "Paris"},
@@ -128,3 +128,27 @@ def test_interrupted_jobs_are_requeued_or_failed(pg_url, schema):
         assert JobRepo(s).get(fresh.id).status == "queued"
         assert JobRepo(s).get(tired.id).status == "failed"
     db.dispose()
+
+
+def test_shutdown_interrupts_a_running_calibration_queues_it_and_clears_the_model(service, tiny_llama):
+    """Stopping the service mid-training: the job and its calibration go back to `queued` (the
+    next start runs them), nothing is activated, and the shared model keeps no global delta."""
+    client, rt = service()
+    cfg = {"steps": 100000, "lr": 0.001, "evaluate": False, "layer": 2, "locality_weight": 0.0}
+    r = client.post("/calibrations", json={"facts": FACTS, "config": cfg}, headers=auth(EDITOR))
+    assert r.status_code == 202, r.text
+    cal_id = r.json()["id"]
+
+    def running() -> bool:
+        job = client.get(f"/calibrations/{cal_id}", headers=auth(READER)).json()["job"]
+        return job["status"] == "running" and (job["progress"] or {}).get("step", 0) >= 1
+
+    assert wait_until(running, timeout=60)
+    rt.close()
+    with rt.db.session() as s:
+        from app.store import CalibrationRepo, JobRepo
+
+        cal = CalibrationRepo(s).get(cal_id)
+        job = JobRepo(s).get(cal.job_id)
+        assert (cal.status, job.status) == ("queued", "queued")
+    assert tiny_llama.global_keys() == []

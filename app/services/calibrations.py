@@ -20,7 +20,7 @@ from app.knowledge import Fact, KnowledgeError, assess
 from app.knowledge.cka import validate_facts
 from app.lm.engine import LM
 from app.methods.calinet.config import CaliNetConfig
-from app.services.jobs import JobRunner
+from app.services.jobs import JobInterrupted, JobRunner
 from app.store import AuditRepo, CalibrationRepo, Database, JobRepo
 from app.store.models import Calibration, Job, utcnow
 
@@ -67,15 +67,23 @@ class CalibrationService:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop following the database and take this service's calibrations off the engine (a
+        model shared with another runtime must not keep them)."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=3)
+        with self._lock:
+            for cal_id in self._active:
+                self.lm.set_global(f"calibration:{cal_id}", None)
+            self._active = set()
 
     def sync_active(self) -> None:
         """Make the engine's global deltas equal the active calibrations in the database."""
         with self.db.session() as s:
             active = {c.id: c for c in CalibrationRepo(s).active()}
         with self._lock:
+            if self._stop.is_set():
+                return
             for cal_id in self._active - active.keys():
                 self.lm.set_global(f"calibration:{cal_id}", None)
             for cal_id in active.keys() - self._active:
@@ -160,6 +168,12 @@ class CalibrationService:
             config = CaliNetConfig.model_validate(cal.config)
         try:
             result = calibrate(self.lm, facts, config, progress)
+        except JobInterrupted:
+            with self.db.transaction() as s:
+                row = CalibrationRepo(s).get(cal_id)
+                if row.status == "running":
+                    row.status = "queued"
+            raise
         except Exception:
             with self.db.transaction() as s:
                 row = CalibrationRepo(s).get(cal_id)

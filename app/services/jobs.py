@@ -45,7 +45,8 @@ class JobRunner:
         self._stop.set()
         self._wake.set()
         if self._thread:
-            self._thread.join(timeout=10)
+            # A running job stops at its next progress call (one training step).
+            self._thread.join(timeout=60)
 
     def recover(self) -> list[str]:
         """Jobs a dead process left running: queue them again, or fail them after too many tries."""
@@ -102,6 +103,8 @@ class JobRunner:
         last = [0.0]
 
         def progress(step: int, total: int, loss: float) -> None:
+            if self._stop.is_set():
+                raise JobInterrupted(job.id)
             now = time.monotonic()
             if now - last[0] < 0.5 and step < total:
                 return
@@ -117,6 +120,12 @@ class JobRunner:
         try:
             result = self._handlers[job.kind](job, progress)
             status, error = "succeeded", None
+        except JobInterrupted:
+            log.info("job %s (%s) interrupted by shutdown; queued again", job.id, job.kind)
+            with self.db.transaction() as s:
+                row = JobRepo(s).get(job.id)
+                row.status, row.error, row.started_at = "queued", "interrupted by shutdown; queued again", None
+            return True
         except Exception as exc:  # noqa: BLE001 - a failed job is recorded, never raised
             log.exception("job %s (%s) failed", job.id, job.kind)
             result, status, error = {}, "failed", _public_error(exc)
@@ -124,6 +133,11 @@ class JobRunner:
             row = JobRepo(s).get(job.id)
             row.status, row.error, row.result, row.finished_at = status, error, result or {}, utcnow()
         return True
+
+
+class JobInterrupted(Exception):
+    """Raised from a job's progress callback when the service is stopping: the job is queued
+    again (its handler puts its own records back) instead of failing or staying `running`."""
 
 
 def _public_error(exc: Exception) -> str:
