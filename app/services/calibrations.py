@@ -168,17 +168,12 @@ class CalibrationService:
             config = CaliNetConfig.model_validate(cal.config)
         try:
             result = calibrate(self.lm, facts, config, progress)
-        except JobInterrupted:
+        except Exception as exc:
+            # Interrupted by shutdown: queued again with its job; any other error: failed.
             with self.db.transaction() as s:
                 row = CalibrationRepo(s).get(cal_id)
                 if row.status == "running":
-                    row.status = "queued"
-            raise
-        except Exception:
-            with self.db.transaction() as s:
-                row = CalibrationRepo(s).get(cal_id)
-                if row.status == "running":
-                    row.status = "failed"
+                    row.status = "queued" if isinstance(exc, JobInterrupted) else "failed"
             raise
         data = result.delta.to_bytes()
         with self.db.transaction() as s:
