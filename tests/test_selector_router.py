@@ -228,3 +228,23 @@ def test_minilm_with_default_rule_routes_a_paraphrase_and_not_a_look_alike():
     assert sel.route("Who is the prime minister of the United Kingdom?").edit_id == "pm"
     assert sel.route("BBC Radio, by") is None
     assert sel.route("George Washington's profession is a") is None
+
+
+def test_add_many_routes_like_adding_one_by_one_and_validates_first():
+    one, many = make(), make()
+    facts = [("fr", "The capital city of France is", "France"), ("de", "The capital city of Germany is", "Germany"),
+             ("it", "The capital city of Italy is", "Italy")]
+    records = []
+    for edit_id, prompt, subject in facts:
+        add(one, edit_id, prompt, subject)
+        record = many.keys_for(prompt, [], subject)
+        record.edit_id = edit_id
+        records.append(record)
+    many.add_many(records)
+    assert sorted(many.edit_ids()) == sorted(one.edit_ids()) == ["de", "fr", "it"]
+    queries = [p for _, p, _ in facts] + ["Penguins live in"]
+    assert [r.edit_id if r else None for r in many.route_many(queries)] == ["fr", "de", "it", None]
+    bad = many.keys_for("x is", [], None)  # no edit id: nothing of the batch is added
+    with pytest.raises(ValueError):
+        many.add_many([KeyRecord("es", records[0].vectors, records[0].texts, "Spain"), bad])
+    assert "es" not in many and len(many) == 3

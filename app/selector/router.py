@@ -205,6 +205,19 @@ class Selector:
             records[record.edit_id] = record
             self._publish(records)
 
+    def add_many(self, records: Iterable[KeyRecord]) -> None:
+        """Add (or replace) many edits' keys with one new snapshot (a bulk import: ``add`` in a
+        loop would rebuild the snapshot once per edit)."""
+        batch = list(records)
+        for record in batch:
+            if not record.edit_id:
+                raise ValueError("a key record needs an edit_id before it is added")
+            self._check_dim(record)
+        with self._lock:
+            merged = dict(self._records)
+            merged.update((r.edit_id, r) for r in batch)
+            self._publish(merged)
+
     def remove(self, edit_id: str) -> bool:
         """Drop one edit's keys; False when it had none."""
         with self._lock:

@@ -47,9 +47,11 @@ def import_synthetic(rt, n: int, *, seed: int = 0, batch: int = 512) -> list[str
                 AuditRepo(s).record(actor="system", action="edit.create", entity_type="edit", entity_id=edit.id,
                                     synthetic=True)
                 edits.append(edit)
+        records = []
         for edit in edits:
             stored = stored_from_edit(edit)
             rt.sync.note_local_version(rt.memory.put(stored))
-            rt.selector.add(rt.sync.to_record(stored))
+            records.append(rt.sync.to_record(stored))
             ids.append(edit.id)
+        rt.selector.add_many(records)
     return ids
