@@ -137,7 +137,7 @@ def calibrate_cmd(
 ) -> None:
     """Calibrate facts the model gets wrong and measure the change on unseen templates."""
     from app.cli_detect import load_lm
-    from app.eval.cli import _command_line
+    from app.eval.cli import command_text
 
     if split not in ("test", "val"):
         raise typer.BadParameter("--split must be test or val")
@@ -171,7 +171,7 @@ def calibrate_cmd(
     metrics.update(measure(lm, wrong, result.delta, part=split, splits=fact_splits(wrong), generate=generate))
     metrics["eval_seconds"] = round(time.perf_counter() - t1, 1)
     report = {
-        "command": "factpatch " + " ".join(_command_line("calibrate")),
+        "command": command_text("calibrate"),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "split": split,
         "config": config.model_dump(),

@@ -315,9 +315,9 @@ def detect(
         lm, all_facts, relation=relation, n=n, seed=seed, top_k=top_k, alpha=alpha, scoring=scoring,
         length_norm=length_norm, threshold=threshold, batch_size=batch_size, file=str(file),
     )
-    from app.eval.cli import _command_line
+    from app.eval.cli import command_text
 
-    report.command = "factpatch " + " ".join(_command_line("detect"))
+    report.command = command_text("detect")
     out.mkdir(parents=True, exist_ok=True)
     (out / "detect.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     (out / "detect.md").write_text(markdown(report))

@@ -43,6 +43,13 @@ def _command_line(name: str) -> list[str]:
     return argv[argv.index(name) :] if name in argv else [name, "..."]
 
 
+def command_text(name: str) -> str:
+    """The rerun line of subcommand ``name`` as reports print it (``factpatch <name> <args>``)."""
+    from app.eval.report import command_string
+
+    return command_string(_command_line(name))
+
+
 def _quiet_http_logs() -> None:
     """Per-request client logs would drown the progress bar."""
     import logging

@@ -49,10 +49,15 @@ def git_info(cwd: Path | None = None) -> dict[str, Any]:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
 
 
+def command_string(argv: Sequence[str] | None = None) -> str:
+    """``factpatch`` and the arguments, quoted so that the line can be pasted back into a shell."""
+    return "factpatch " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
+
+
 def environment(argv: Sequence[str] | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
-        "command": "factpatch " + shlex.join(list(argv if argv is not None else sys.argv[1:])),
+        "command": command_string(argv),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git": git_info(),

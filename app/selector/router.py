@@ -197,26 +197,25 @@ class Selector:
     # -- memory --------------------------------------------------------------------------------
     def add(self, record: KeyRecord) -> None:
         """Add (or replace) one edit's keys."""
-        if not record.edit_id:
-            raise ValueError("a key record needs an edit_id before it is added")
-        self._check_dim(record)
-        with self._lock:
-            records = dict(self._records)
-            records[record.edit_id] = record
-            self._publish(records)
+        self.add_many([record])
 
     def add_many(self, records: Iterable[KeyRecord]) -> None:
         """Add (or replace) many edits' keys with one new snapshot (a bulk import: ``add`` in a
         loop would rebuild the snapshot once per edit)."""
+        batch = self._checked(records)
+        with self._lock:
+            merged = dict(self._records)
+            merged.update((r.edit_id, r) for r in batch)
+            self._publish(merged)
+
+    def _checked(self, records: Iterable[KeyRecord]) -> list[KeyRecord]:
+        """The records, each with an edit id and vectors of the encoder's width (else ValueError)."""
         batch = list(records)
         for record in batch:
             if not record.edit_id:
                 raise ValueError("a key record needs an edit_id before it is added")
             self._check_dim(record)
-        with self._lock:
-            merged = dict(self._records)
-            merged.update((r.edit_id, r) for r in batch)
-            self._publish(merged)
+        return batch
 
     def remove(self, edit_id: str) -> bool:
         """Drop one edit's keys; False when it had none."""
@@ -230,12 +229,7 @@ class Selector:
 
     def replace_all(self, records: Iterable[KeyRecord]) -> None:
         """Swap the whole memory at once (a rebuild from the database or the shared store)."""
-        new = {}
-        for record in records:
-            if not record.edit_id:
-                raise ValueError("a key record needs an edit_id before it is added")
-            self._check_dim(record)
-            new[record.edit_id] = record
+        new = {r.edit_id: r for r in self._checked(records)}
         with self._lock:
             self._publish(new)
 
