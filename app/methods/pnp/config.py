@@ -19,7 +19,7 @@ class PnPConfig(MethodConfig):
         "or an explicit list of block indices (negative counts from the top).",
     )
     depth: float = Field(
-        default=0.6,
+        default=0.75,
         ge=0.0,
         le=1.0,
         description="Where a count of `layers` sits: relative depth of their centre (0 the first block, "
