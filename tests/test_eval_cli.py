@@ -116,7 +116,8 @@ def test_bench_selector_lookup_points(tmp_path):
     cfg = BenchConfig(keys=[100, 400], lookups=20, repeats=2, encoder_timing=False)
     res = bench_selector(cfg)
     assert [(p["keys"], p["rule"]) for p in res["points"]] == [
-        (100, "subject"), (100, "similarity"), (400, "subject"), (400, "similarity")]
+        (100, "subject"), (100, "similarity"), (100, "subjectless"),
+        (400, "subject"), (400, "similarity"), (400, "subjectless")]
     for p in res["points"]:
         assert p["lookup_ms"]["n"] == 2 and 0 < p["lookup_ms"]["min"] <= p["lookup_ms"]["median"]
     assert res["peak_rss_mib"] > 0

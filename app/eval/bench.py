@@ -18,6 +18,7 @@ unedited query pays for: every lookup scans or indexes them. The report says whi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -168,7 +169,9 @@ def bench_selector(cfg: BenchConfig, console=None) -> dict[str, Any]:
     # The threshold for edits the query does not name: above 1 only named subjects route.
     params = inspect.signature(Selector).parameters
     open_kw = "unnamed_threshold" if "unnamed_threshold" in params else "open_threshold"
-    rules = {"subject": 1.01, "similarity": DEFAULT_THRESHOLD}
+    # subject: the default rule; similarity: every edit scanned (unnamed threshold = threshold);
+    # subjectless: the default rule on edits made without a subject (similarity alone, scanned).
+    rules = {"subject": 1.01, "similarity": DEFAULT_THRESHOLD, "subjectless": 1.01}
     points = []
     for n_keys in cfg.keys:
         records = synthetic_records(n_keys, dim, cfg.keys_per_edit, cfg.seed)
@@ -179,8 +182,11 @@ def bench_selector(cfg: BenchConfig, console=None) -> dict[str, Any]:
                  f"An unrelated question number {i}" for i in range(cfg.lookups)]
         for rule, open_threshold in rules.items():
             sel = Selector(_FixedEncoder(dim), DEFAULT_THRESHOLD, **{open_kw: open_threshold})
+            memory = records
+            if rule == "subjectless":
+                memory = [dataclasses.replace(r, subject=None) for r in records]
             t0 = time.perf_counter()
-            sel.replace_all(records)
+            sel.replace_all(memory)
             load_ms = _ms(t0)
             per_repeat, all_ms = [], []
             for _ in range(cfg.repeats):

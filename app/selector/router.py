@@ -113,36 +113,52 @@ class Route:
 
 @dataclass(frozen=True)
 class _Snapshot:
-    matrix: np.ndarray  # [K, d] all keys
+    matrix: np.ndarray  # [K, d] all keys, each edit's keys contiguous
     key_edit: np.ndarray  # [K] edit index of each key
     key_texts: tuple[str, ...]
     edit_ids: tuple[str, ...]
-    edit_rows: tuple[np.ndarray, ...]  # per edit index: its key rows
+    edit_start: np.ndarray  # [E] first key row of each edit
+    edit_len: np.ndarray  # [E] number of keys of each edit
     centroids: np.ndarray  # [E, d] normalised mean key per edit
     subjects: dict[str, tuple[int, ...]] = field(default_factory=dict)  # normalised subject -> edit indices
     max_subject_words: int = 0
-    subjectless: tuple[int, ...] = ()  # edit indices without a subject
+    subjectless: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # edit indices
+    subjectless_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # their keys
+    subjectless_centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    is_subjectless: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [E]
 
     @classmethod
     def build(cls, records: Sequence[KeyRecord], dim: int) -> "_Snapshot":
         if not records:
             empty = np.zeros((0, dim), dtype=np.float32)
-            return cls(empty, np.zeros(0, dtype=np.int64), (), (), (), empty)
+            none = np.zeros(0, dtype=np.int64)
+            return cls(empty, none, (), (), none, none, empty, subjectless_centroids=empty)
         matrix = np.ascontiguousarray(np.concatenate([r.vectors for r in records]), dtype=np.float32)
-        key_edit = np.concatenate([np.full(len(r.vectors), i, dtype=np.int64) for i, r in enumerate(records)])
-        bounds = np.cumsum([0] + [len(r.vectors) for r in records])
-        edit_rows = tuple(np.arange(bounds[i], bounds[i + 1]) for i in range(len(records)))
+        edit_len = np.array([len(r.vectors) for r in records], dtype=np.int64)
+        edit_start = np.concatenate([[0], np.cumsum(edit_len)[:-1]]).astype(np.int64)
+        key_edit = np.repeat(np.arange(len(records), dtype=np.int64), edit_len)
         centroids = l2_normalise(np.stack([r.vectors.mean(0) for r in records]))
         subjects: dict[str, list[int]] = {}
         for i, r in enumerate(records):
             if r.subject:
                 subjects.setdefault(normalise_words(r.subject), []).append(i)
         max_words = max((len(s.split()) for s in subjects), default=0)
+        is_subjectless = np.array([not r.subject for r in records], dtype=bool)
+        subjectless = np.flatnonzero(is_subjectless).astype(np.int64)
         return cls(
             matrix, key_edit, tuple(t for r in records for t in r.texts), tuple(r.edit_id for r in records),
-            edit_rows, centroids, {k: tuple(v) for k, v in subjects.items()}, max_words,
-            tuple(i for i, r in enumerate(records) if not r.subject),
+            edit_start, edit_len, centroids, {k: tuple(v) for k, v in subjects.items()}, max_words,
+            subjectless, np.flatnonzero(is_subjectless[key_edit]).astype(np.int64),
+            np.ascontiguousarray(centroids[subjectless]), is_subjectless,
         )
+
+    def rows_of(self, edits: np.ndarray) -> np.ndarray:
+        """The key rows of the given edit indices, in that order."""
+        if edits.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        lens = self.edit_len[edits]
+        offsets = np.repeat(np.cumsum(lens) - lens, lens)
+        return np.repeat(self.edit_start[edits], lens) + (np.arange(int(lens.sum())) - offsets)
 
     def named_edits(self, query: str) -> set[int]:
         """Edits whose subject occurs in ``query`` as whole words: a lookup per word n-gram."""
@@ -285,9 +301,8 @@ class Selector:
 
     def _thresholds(self, snap: _Snapshot, edits: np.ndarray, named: set[int]) -> np.ndarray:
         """Per candidate key, the similarity its edit needs under the rule."""
-        thr = np.full(edits.shape, self.unnamed_threshold, dtype=np.float32)
-        if snap.subjectless:
-            thr[np.isin(edits, np.asarray(snap.subjectless, dtype=np.int64))] = self.subjectless_threshold
+        thr = np.where(snap.is_subjectless[edits], np.float32(self.subjectless_threshold),
+                       np.float32(self.unnamed_threshold))
         if named:
             thr[np.isin(edits, np.fromiter(named, dtype=np.int64, count=len(named)))] = self.threshold
         return thr
@@ -295,23 +310,25 @@ class Selector:
     def _candidate_rows(self, snap: _Snapshot, vector: np.ndarray, named: set[int]) -> np.ndarray:
         """Key rows worth scoring: the named edits' keys, the subjectless edits' keys and, when
         ``unnamed_threshold`` can be met, every key. A scan of more than ``exact_limit`` keys
-        is narrowed to the ``prefilter`` edits nearest by centroid."""
-        chosen = set(named)
-        scan = range(len(snap.edit_ids)) if self.unnamed_threshold <= 1.0 else snap.subjectless
-        if scan:
-            n_keys = len(snap.matrix) if isinstance(scan, range) else sum(len(snap.edit_rows[i]) for i in scan)
-            if n_keys <= self.exact_limit:
-                if isinstance(scan, range):
-                    return np.arange(len(snap.matrix))
-                chosen.update(scan)
-            else:
-                pool = np.asarray(scan, dtype=np.int64)
-                near = snap.centroids[pool] @ vector if not isinstance(scan, range) else snap.centroids @ vector
-                k = min(self.prefilter, len(near))
-                chosen.update(pool[np.argpartition(-near, k - 1)[:k]].tolist())
-        if not chosen:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate([snap.edit_rows[i] for i in sorted(chosen)])
+        is narrowed to the ``prefilter`` edits nearest by centroid. No step loops over edits
+        in Python: the cost stays a matrix-vector product as the memory grows."""
+        named_edits = np.fromiter(sorted(named), dtype=np.int64, count=len(named))
+        if self.unnamed_threshold <= 1.0:  # every edit may pass: scan them all
+            if len(snap.matrix) <= self.exact_limit:
+                return np.arange(len(snap.matrix))
+            near = snap.centroids @ vector
+            k = min(self.prefilter, len(near))
+            top = np.argpartition(-near, k - 1)[:k]
+            return snap.rows_of(np.union1d(named_edits, top))
+        if snap.subjectless.size == 0:
+            return snap.rows_of(named_edits)
+        if len(snap.subjectless_rows) <= self.exact_limit:
+            # Named edits have a subject, so they and the subjectless ones never overlap.
+            return np.concatenate([snap.rows_of(named_edits), snap.subjectless_rows])
+        near = snap.subjectless_centroids @ vector
+        k = min(self.prefilter, len(near))
+        top = snap.subjectless[np.argpartition(-near, k - 1)[:k]]
+        return snap.rows_of(np.union1d(named_edits, top))
 
 
 def build_selector(
