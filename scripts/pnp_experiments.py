@@ -382,6 +382,34 @@ def summarise_fit(rows: list[dict], label: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# leak: what an edit does to another fact of its subject (a query the selector routes to it)
+# ---------------------------------------------------------------------------------------------
+def cmd_leak(args) -> None:
+    """For CounterFact tuning records whose prompt is a ParaRel template, one query of another
+    relation with the same subject: how often the edit changes its greedy answer, and how
+    often that answer then contains the edit's target."""
+    from app.methods import get
+
+    lm = load_lm(args.threads)
+    method = get("pnp")
+    config = method.parse_config(json.loads(args.config))
+    cases = cf_cases(CF_TRAIN, args.start, args.n)
+    changed = leaked = total = 0
+    for query, i in same_subject_queries(cases):
+        case = cases[i]
+        res = fit_case(lm, case, config)
+        base = lm.generate([query], max_new_tokens=8, mode="completion")[0]
+        edited = lm.generate([query], max_new_tokens=8, mode="completion", deltas=[res.delta])[0]
+        total += 1
+        changed += base.token_ids != edited.token_ids
+        leaked += case.target.lower() in edited.text.lower() and case.target.lower() not in base.text.lower()
+        if args.verbose:
+            print(json.dumps({"query": query, "target": case.target, "base": base.text, "edited": edited.text}), flush=True)
+    print(f"{args.config}: n={total} same-subject other-relation queries: answer changed {changed / total:.3f}, "
+          f"edit target in the answer {leaked / total:.3f}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # lookup latency
 # ---------------------------------------------------------------------------------------------
 def cmd_lookup(args) -> None:
@@ -526,6 +554,14 @@ def main() -> None:
     f.add_argument("--verbose", action="store_true")
     f.add_argument("--threads", type=int, default=1)
     f.set_defaults(func=cmd_fit)
+    lk_ = sub.add_parser("leak")
+    lk_.add_argument("--start", type=int, default=0)
+    lk_.add_argument("--n", type=int, default=60)
+    lk_.add_argument("--config", default="{}", help="PnPConfig overrides as JSON")
+    lk_.add_argument("--verbose", action="store_true")
+    lk_.add_argument("--threads", type=int, default=1)
+    lk_.set_defaults(func=cmd_leak)
+
     lk = sub.add_parser("lookup")
     lk.add_argument("--edits", type=int, default=10_000)
     lk.add_argument("--dim", type=int, default=384)
