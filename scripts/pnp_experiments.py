@@ -393,7 +393,7 @@ def cmd_leak(args) -> None:
     lm = load_lm(args.threads)
     method = get("pnp")
     config = method.parse_config(json.loads(args.config))
-    cases = cf_cases(CF_TRAIN, args.start, args.n)
+    cases = cf_cases(CF_VAL if args.val else CF_TRAIN, args.start, args.n)
     changed = leaked = total = 0
     for query, i in same_subject_queries(cases):
         case = cases[i]
@@ -558,6 +558,7 @@ def main() -> None:
     lk_.add_argument("--start", type=int, default=0)
     lk_.add_argument("--n", type=int, default=60)
     lk_.add_argument("--config", default="{}", help="PnPConfig overrides as JSON")
+    lk_.add_argument("--val", action="store_true", help="CounterFact val records (a measurement, not tuning)")
     lk_.add_argument("--verbose", action="store_true")
     lk_.add_argument("--threads", type=int, default=1)
     lk_.set_defaults(func=cmd_leak)

@@ -11,7 +11,7 @@ from app.lm.arch import linear_dims
 from app.methods import EditRequest, get
 from app.methods.base import ValidationError
 from app.methods.pnp.method import (
-    TailForward, adapted_layers, adapted_modules, build_groups, init_delta, kept_logits,
+    TailForward, adapted_layers, adapted_modules, boundary_tokens, build_groups, init_delta, kept_logits,
 )
 
 PROMPT, TARGET = "The capital of Freedonia is", "Paris"
@@ -104,7 +104,11 @@ def test_training_batches_cover_prompt_paraphrases_forms_and_locality(lm):
     completion = groups[0]
     first_target = lm.target_ids(PROMPT, TARGET, "completion")[0]
     assert completion.targets[0].item() == first_target  # completion form has the leading space
-    assert int((~completion.is_target).sum()) == 3 and int((~groups[1].is_target).sum()) == 0
+    loc_rows = [int((~(g.is_target | g.is_boundary)).sum()) for g in groups]
+    assert loc_rows == [3, 0]
+    # "Paris" ends in a letter: each example also trains the token after it to start a new word
+    assert [int(g.is_boundary.sum()) for g in groups] == [4, 2]
+    assert [int(g.boundary_row.numel()) for g in groups] == [4, 2]
     no_kl = get("pnp").parse_config({"kl_weight": 0})
     assert build_groups(lm, EditRequest(PROMPT, TARGET, modes=("completion",)), no_kl)[1:] == (1, 0)
 
@@ -148,3 +152,47 @@ def test_cached_tail_forward_matches_a_full_forward_with_the_delta_active(lm, fi
             assert not tail._full_only  # the replay was verified and is in use
             assert torch.allclose(first, full, atol=1e-4)
             assert torch.allclose(replay, full, atol=1e-4)
+
+
+def test_boundary_tokens_are_those_that_cannot_continue_a_word(lm):
+    mask = boundary_tokens(lm)
+    tok = lm.tokenizer
+    assert mask.shape[0] == lm.model.get_output_embeddings().weight.shape[0]
+    for text, expected in ((" Paris", True), (".", True), ("\n", True), ("ian", False), ("7", False)):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert bool(mask[ids[0]]) is expected, text
+    assert bool(mask[tok.eos_token_id])
+
+
+def test_the_edit_ends_its_target_at_a_word_boundary(lm):
+    """A model that runs a target on into a longer word ("Paris" -> "Parisville") is taught to stop
+    after it: the next greedy token starts a new word. Without the boundary term nothing would
+    change it, as the target alone already holds."""
+    method = get("pnp")
+    target_ids = lm.target_ids(PROMPT, TARGET, "completion")
+    longer = next(TARGET + suffix for suffix in ("ville", "ian", "berg", "ton", "ia")
+                  if lm.target_ids(PROMPT, TARGET + suffix, "completion")[: len(target_ids)] == target_ids
+                  and len(lm.target_ids(PROMPT, TARGET + suffix, "completion")) > len(target_ids))
+    run_on = method.fit(lm, EditRequest(PROMPT, longer, modes=("completion",)),
+                        method.parse_config({**CONFIG, "end_boundary": False}))
+
+    def next_token(deltas) -> int:
+        ids = lm.prompt_ids(PROMPT, "completion") + target_ids
+        with torch.no_grad(), lm.active(deltas):
+            return int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+
+    mask = boundary_tokens(lm)
+    lm.set_global("test-run-on", run_on.delta)
+    try:
+        assert not bool(mask[next_token([])])  # the word runs on
+        req = EditRequest(PROMPT, TARGET, modes=("completion",))
+        plain = method.fit(lm, req, method.parse_config({**CONFIG, "end_boundary": False}))
+        ended = method.fit(lm, req, method.parse_config(CONFIG))
+        assert ended.info["converged"]
+        assert not bool(mask[next_token([plain.delta])])
+        assert bool(mask[next_token([ended.delta])])
+    finally:
+        lm.set_global("test-run-on", None)
+    # a target ending in punctuation needs no boundary
+    groups, _, _ = build_groups(lm, EditRequest(PROMPT, "Paris.", modes=("completion",)), method.parse_config({}))
+    assert not bool(groups[0].is_boundary.any())

@@ -40,6 +40,12 @@ class PnPConfig(MethodConfig):
         "has at least this probability (0: argmax alone). A margin above bare argmax carries the "
         "edit to unseen phrasings of the prompt.",
     )
+    end_boundary: bool = Field(
+        default=True,
+        description="Also train the token after the target to start a new word (or end the text) when the "
+        "target ends in a letter or digit, so that greedy decoding does not run on into the same word "
+        "(\"Brighton\" coming out as \"Brightonon\"); counted in the stop rule like a target token.",
+    )
     kl_weight: float = Field(
         default=0.1,
         ge=0.0,

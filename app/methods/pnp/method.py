@@ -82,6 +82,8 @@ class _Group:
     is_target: torch.Tensor  # [n_keep] bool: this kept position predicts a target token
     targets: torch.Tensor  # [n_target] token ids
     target_row: torch.Tensor  # [n_target] training example index (for per-example mean)
+    is_boundary: torch.Tensor  # [n_keep] bool: this kept position follows a whole target
+    boundary_row: torch.Tensor  # [n_boundary] training example index of each boundary position
 
 
 def adapted_layers(lm: LM, config: PnPConfig) -> list[int]:
@@ -169,9 +171,11 @@ def _build_group(
     examples: list[tuple[list[int], list[int]]],
     locality: list[list[int]],
     first_example: int,
+    boundary: bool = False,
 ) -> _Group:
-    """Right-padded batch; kept positions are the target-predicting ones and each locality
-    prompt's last position, in row-major order (the order ``logits[keep]`` returns them)."""
+    """Right-padded batch; kept positions are the target-predicting ones, with ``boundary`` the
+    position after each whole target, and each locality prompt's last position, in row-major
+    order (the order ``logits[keep]`` returns them)."""
     rows = [p + t for p, t in examples] + locality
     width = max(len(r) for r in rows)
     pad = lm.tokenizer.pad_token_id
@@ -179,6 +183,7 @@ def _build_group(
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     keep = torch.zeros((len(rows), width), dtype=torch.bool)
     target_at: dict[tuple[int, int], tuple[int, int]] = {}
+    boundary_at: dict[tuple[int, int], int] = {}
     for r, seq in enumerate(rows):
         ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attn[r, : len(seq)] = 1
@@ -186,20 +191,51 @@ def _build_group(
         for j, tok in enumerate(t):
             keep[r, len(p) - 1 + j] = True
             target_at[(r, len(p) - 1 + j)] = (tok, first_example + r)
+        if boundary:
+            keep[r, len(p) + len(t) - 1] = True
+            boundary_at[(r, len(p) + len(t) - 1)] = first_example + r
     for k, seq in enumerate(locality):
         keep[len(examples) + k, len(seq) - 1] = True
-    is_target, targets, target_row = [], [], []
+    is_target, targets, target_row, is_boundary, boundary_row = [], [], [], [], []
     for r, c in keep.nonzero().tolist():
         hit = target_at.get((r, c))
         is_target.append(hit is not None)
         if hit is not None:
             targets.append(hit[0])
             target_row.append(hit[1])
+        is_boundary.append((r, c) in boundary_at)
+        if (r, c) in boundary_at:
+            boundary_row.append(boundary_at[(r, c)])
     dev = lm.device
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=dev)
+
     return _Group(
-        ids.to(dev), attn.to(dev), keep.to(dev), torch.tensor(is_target, dtype=torch.bool, device=dev),
-        torch.tensor(targets, dtype=torch.long, device=dev), torch.tensor(target_row, dtype=torch.long, device=dev),
+        ids.to(dev), attn.to(dev), keep.to(dev), tensor(is_target, torch.bool), tensor(targets, torch.long),
+        tensor(target_row, torch.long), tensor(is_boundary, torch.bool), tensor(boundary_row, torch.long),
     )
+
+
+_BOUNDARY: "weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def boundary_tokens(lm: LM) -> torch.Tensor:
+    """[vocab] bool: tokens that cannot continue a word: those whose text starts with anything
+    but a letter or digit (a space, punctuation, a newline), special tokens (end of turn or of
+    text) and tokens with no text. Computed once per model."""
+    with _INSTALL_LOCK:
+        mask = _BOUNDARY.get(lm.model)
+        if mask is None:
+            size = lm.model.get_output_embeddings().weight.shape[0]
+            tok = lm.tokenizer
+            special = set(tok.all_special_ids)
+            flags = []
+            for i in range(size):
+                text = tok.decode([i]) if i < len(tok) else ""
+                flags.append(i in special or not text or not text[0].isalnum())
+            mask = _BOUNDARY[lm.model] = torch.tensor(flags, dtype=torch.bool, device=lm.device)
+        return mask
 
 
 class _BlockInputs:
@@ -350,6 +386,9 @@ def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[
     loc = [lm.prompt_ids(p, "completion") for p in locality_texts(request, config)]
     n_loc = len(loc)
     groups, n_examples = [], 0
+    # "Paris" must not come out as "Parisian": after a target that ends in a letter or digit,
+    # the next token has to start a new word (or end the text).
+    boundary = config.end_boundary and request.target.strip()[-1:].isalnum()
     for mode in training_modes(lm, request, config):
         # The generic augmentations are short completion-form prompts; the chat form (a long
         # template around each prompt) is trained on the request's own prompts only.
@@ -359,7 +398,7 @@ def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[
         if not examples:
             continue
         carried = loc if mode == "completion" else []
-        groups.append(_build_group(lm, examples, carried, n_examples))
+        groups.append(_build_group(lm, examples, carried, n_examples, boundary))
         loc = [] if carried else loc
         n_examples += len(examples)
     if not groups:
@@ -436,7 +475,15 @@ class PnP(Method[PnPConfig]):
                 ok = ok and bool(t_all.argmax(-1).eq(group.targets).all())
                 ok = ok and bool(t_logp.detach().exp().min() >= min_prob)
                 nll = nll.index_add(0, group.target_row, -t_logp)
-            loc_logp = logp[~group.is_target]
+            if group.boundary_row.numel():
+                # The target ends where it ends: the next token is one that starts a new word.
+                mask = boundary_tokens(lm)
+                b_all = logp[group.is_boundary]
+                b_logp = torch.logsumexp(b_all.masked_fill(~mask, float("-inf")), dim=-1)
+                ok = ok and bool(mask[b_all.argmax(-1)].all())
+                ok = ok and bool(b_logp.detach().exp().min() >= min_prob)
+                nll = nll.index_add(0, group.boundary_row, -b_logp)
+            loc_logp = logp[~(group.is_target | group.is_boundary)]
             if loc_logp.numel():
                 if base_logp[g] is None:
                     base_logp[g] = loc_logp.detach()
@@ -447,9 +494,11 @@ class PnP(Method[PnPConfig]):
 
 
 def _token_counts(groups: list[_Group], n_examples: int, device: torch.device) -> torch.Tensor:
-    """Target tokens per training example (so every example weighs the same in the loss)."""
+    """Target tokens (and the boundary after them) per training example, so that every example
+    weighs the same in the loss."""
     counts = torch.zeros(n_examples, device=device)
     for group in groups:
-        if group.target_row.numel():
-            counts = counts.index_add(0, group.target_row, torch.ones_like(group.target_row, dtype=counts.dtype))
+        for rows in (group.target_row, group.boundary_row):
+            if rows.numel():
+                counts = counts.index_add(0, rows, torch.ones_like(rows, dtype=counts.dtype))
     return counts.clamp(min=1)
