@@ -3,6 +3,8 @@ prompt and a paraphrase, leaves unrelated questions alone, and a revert gives th
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.conftest import ADMIN, EDITOR, READER, ask, auth
@@ -30,7 +32,8 @@ def test_edit_paraphrase_locality_and_revert_on_the_real_model(service, real_lm)
     for q in (PROMPT, PARAPHRASE):
         got = ask(client, q)
         assert got["edit_id"] == edit["id"], (q, got)
-        assert got["answer"].startswith("Swedish"), (q, got)
+        # the whole target, ending where it ends (not run on into "Swedishness")
+        assert re.match(r"Swedish(\W|$)", got["answer"]), (q, got)
     for q in UNRELATED:
         got = ask(client, q)
         assert got["edit_id"] is None and got["answer"] == before[q], (q, got)
