@@ -162,6 +162,9 @@ def test_boundary_tokens_are_those_that_cannot_continue_a_word(lm):
         ids = tok.encode(text, add_special_tokens=False)
         assert bool(mask[ids[0]]) is expected, text
     assert bool(mask[tok.eos_token_id])
+    # a piece of a multi-byte character ("ş" split into bytes) continues the word it is in
+    pieces = [i for i in range(len(tok)) if tok.decode([i]).startswith("\ufffd")]
+    assert pieces and not bool(mask[pieces].any())
 
 
 def test_the_edit_ends_its_target_at_a_word_boundary(lm):

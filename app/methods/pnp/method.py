@@ -222,8 +222,8 @@ _BOUNDARY: "weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor]" = weakref.
 
 def boundary_tokens(lm: LM) -> torch.Tensor:
     """[vocab] bool: tokens that cannot continue a word: those whose text starts with anything
-    but a letter or digit (a space, punctuation, a newline), special tokens (end of turn or of
-    text) and tokens with no text. Computed once per model."""
+    but a letter, a digit or a piece of a multi-byte character (a space, punctuation, a newline),
+    special tokens (end of turn or of text) and tokens with no text. Computed once per model."""
     with _INSTALL_LOCK:
         mask = _BOUNDARY.get(lm.model)
         if mask is None:
@@ -233,7 +233,8 @@ def boundary_tokens(lm: LM) -> torch.Tensor:
             flags = []
             for i in range(size):
                 text = tok.decode([i]) if i < len(tok) else ""
-                flags.append(i in special or not text or not text[0].isalnum())
+                # A piece of a multi-byte character decodes to U+FFFD: it continues a word.
+                flags.append(i in special or not text or not (text[0].isalnum() or text[0] == "\ufffd"))
             mask = _BOUNDARY[lm.model] = torch.tensor(flags, dtype=torch.bool, device=lm.device)
         return mask
 
