@@ -287,48 +287,49 @@ class Selector:
         if not snap.edit_ids:
             return None
         named = snap.named_edits(query)
-        rows = self._candidate_rows(snap, vector, named)
+        named_edits = np.fromiter(sorted(named), dtype=np.int64, count=len(named))
+        rows = self._candidate_rows(snap, vector, named_edits)
         if rows.size == 0:
             return None
         sims = snap.matrix @ vector if rows.size == len(snap.matrix) else snap.matrix[rows] @ vector
         edits = snap.key_edit[rows]
-        passes = sims >= self._thresholds(snap, edits, named)
+        passes = sims >= self._thresholds(snap, edits, named_edits)
         if not passes.any():
             return None
         best = int(np.argmax(np.where(passes, sims, -np.inf)))
         edit = int(edits[best])
         return Route(snap.edit_ids[edit], float(sims[best]), snap.key_texts[int(rows[best])], edit in named)
 
-    def _thresholds(self, snap: _Snapshot, edits: np.ndarray, named: set[int]) -> np.ndarray:
+    def _thresholds(self, snap: _Snapshot, edits: np.ndarray, named_edits: np.ndarray) -> np.ndarray:
         """Per candidate key, the similarity its edit needs under the rule."""
         thr = np.where(snap.is_subjectless[edits], np.float32(self.subjectless_threshold),
                        np.float32(self.unnamed_threshold))
-        if named:
-            thr[np.isin(edits, np.fromiter(named, dtype=np.int64, count=len(named)))] = self.threshold
+        if named_edits.size:
+            thr[np.isin(edits, named_edits)] = self.threshold
         return thr
 
-    def _candidate_rows(self, snap: _Snapshot, vector: np.ndarray, named: set[int]) -> np.ndarray:
+    def _candidate_rows(self, snap: _Snapshot, vector: np.ndarray, named_edits: np.ndarray) -> np.ndarray:
         """Key rows worth scoring: the named edits' keys, the subjectless edits' keys and, when
         ``unnamed_threshold`` can be met, every key. A scan of more than ``exact_limit`` keys
         is narrowed to the ``prefilter`` edits nearest by centroid. No step loops over edits
         in Python: the cost stays a matrix-vector product as the memory grows."""
-        named_edits = np.fromiter(sorted(named), dtype=np.int64, count=len(named))
         if self.unnamed_threshold <= 1.0:  # every edit may pass: scan them all
             if len(snap.matrix) <= self.exact_limit:
                 return np.arange(len(snap.matrix))
-            near = snap.centroids @ vector
-            k = min(self.prefilter, len(near))
-            top = np.argpartition(-near, k - 1)[:k]
-            return snap.rows_of(np.union1d(named_edits, top))
+            return snap.rows_of(np.union1d(named_edits, self._nearest(snap.centroids, vector)))
         if snap.subjectless.size == 0:
             return snap.rows_of(named_edits)
         if len(snap.subjectless_rows) <= self.exact_limit:
             # Named edits have a subject, so they and the subjectless ones never overlap.
             return np.concatenate([snap.rows_of(named_edits), snap.subjectless_rows])
-        near = snap.subjectless_centroids @ vector
-        k = min(self.prefilter, len(near))
-        top = snap.subjectless[np.argpartition(-near, k - 1)[:k]]
+        top = snap.subjectless[self._nearest(snap.subjectless_centroids, vector)]
         return snap.rows_of(np.union1d(named_edits, top))
+
+    def _nearest(self, centroids: np.ndarray, vector: np.ndarray) -> np.ndarray:
+        """Positions of the ``prefilter`` rows of ``centroids`` nearest to ``vector`` (unordered)."""
+        near = centroids @ vector
+        k = min(self.prefilter, len(near))
+        return np.argpartition(-near, k - 1)[:k]
 
 
 def build_selector(
