@@ -203,9 +203,10 @@ def _build_group(
         if hit is not None:
             targets.append(hit[0])
             target_row.append(hit[1])
-        is_boundary.append((r, c) in boundary_at)
-        if (r, c) in boundary_at:
-            boundary_row.append(boundary_at[(r, c)])
+        row = boundary_at.get((r, c))
+        is_boundary.append(row is not None)
+        if row is not None:
+            boundary_row.append(row)
     dev = lm.device
 
     def tensor(values, dtype):
