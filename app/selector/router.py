@@ -81,14 +81,24 @@ def subject_in(subject: str, query: str) -> bool:
     return any(s in word_forms(" ".join(words[i : i + n])) for i in range(len(words) - n + 1))
 
 
+SCOPES = ("fact", "subject")
+
+
 @dataclass
 class KeyRecord:
-    """The keys of one edit: unit vectors [n, d] and the texts they were embedded from."""
+    """The keys of one edit: unit vectors [n, d] and the texts they were embedded from.
+
+    ``scope`` says which queries naming the subject the edit may serve: ``fact`` (the default)
+    only those that ask for the edited relation, ``subject`` every one (a renamed entity).
+    ``relation_vectors`` ([m, d] or None) are the edit's relation keys (its texts with the
+    subject masked) that the relation check compares a query against."""
 
     edit_id: str
     vectors: np.ndarray
     texts: list[str]
     subject: str | None = None
+    scope: str = "fact"
+    relation_vectors: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
@@ -98,6 +108,12 @@ class KeyRecord:
             raise ValueError("a key record needs one text per vector")
         if self.subject is not None and not normalise_words(self.subject):
             self.subject = None
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        if self.relation_vectors is not None:
+            self.relation_vectors = np.ascontiguousarray(self.relation_vectors, dtype=np.float32)
+            if self.relation_vectors.ndim != 2 or self.relation_vectors.shape[1] != self.vectors.shape[1]:
+                raise ValueError("relation vectors must be shaped [m, d] like the keys")
 
 
 @dataclass(frozen=True)
