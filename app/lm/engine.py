@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from app.delta import Delta
 from app.lm.arch import Architecture
@@ -124,7 +125,6 @@ class LM:
         return self.tokenizer(self.target_text(prompt, target, mode), add_special_tokens=False).input_ids
 
     # -- generation ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str],
@@ -139,24 +139,127 @@ class LM:
     ) -> list[Generation]:
         mode = mode or self.default_mode()
         ids = [self.prompt_ids(p, mode) for p in prompts]
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        with self._lock:
+            rows = self._generate_ids(ids, max_new_tokens, deltas, **sampling)
+        return [self._generation(r) for r in rows]
+
+    def generate_edited(
+        self,
+        prompts: Sequence[str],
+        target: str,
+        *,
+        max_new_tokens: int = 24,
+        mode: Mode | None = None,
+        deltas: Iterable[Delta] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        slack: int = 8,
+    ) -> list[Generation]:
+        """Answers of an edit: ``deltas`` write the answer until ``target`` is written (greedy,
+        at most its length plus ``slack`` tokens), then the base model alone goes on from the
+        prompt and what was written, and never writes the target again.
+
+        An edit's adapter is trained to put its target first; left to write the rest, it keeps
+        writing it ("Keir Starmer, Keir Starmer, ..."). From the end of the target on, the answer
+        is the base model's own continuation of a text that states the edited fact."""
+        mode = mode or self.default_mode()
+        target = target.strip()
+        deltas = list(deltas or [])
+        ids = [self.prompt_ids(p, mode) for p in prompts]
+        if not target or not deltas:
+            return self.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, deltas=deltas,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        budget = min(max_new_tokens, max(len(self.target_ids(p, target, mode)) for p in prompts) + slack)
+        stop = _TargetWritten(self, target, [len(i) for i in ids])
+        with self._lock:
+            first = self._generate_ids(ids, budget, deltas, stopping=stop)
+            written, heads = [], []
+            for row in first:
+                cut = self._target_end(row, target)
+                if cut is None or cut >= max_new_tokens:
+                    written.append(row)  # no target (or no room left): the adapter's answer stands
+                    heads.append(None)
+                else:
+                    written.append(row[:cut])
+                    heads.append(row[:cut])
+            todo = [i for i, h in enumerate(heads) if h is not None]
+            if todo:
+                rest = self._generate_ids(
+                    [ids[i] + heads[i] for i in todo],
+                    [max_new_tokens - len(heads[i]) for i in todo],
+                    None,
+                    bad_words=self._target_forms(target),
+                    do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+                )
+                for i, tail in zip(todo, rest):
+                    written[i] = heads[i] + tail
+        return [self._generation(r) for r in written]
+
+    def _target_end(self, row: Sequence[int], target: str) -> int | None:
+        """Tokens of ``row`` up to the end of the first whole occurrence of ``target`` (None if absent)."""
+        want = target.casefold()
+        for k in range(1, len(row) + 1):
+            if want in self.tokenizer.decode(row[:k], skip_special_tokens=True).casefold():
+                return k
+        return None
+
+    def _target_forms(self, target: str) -> list[list[int]]:
+        """Token sequences of the target as it may be written again (after a space or not)."""
+        forms = []
+        for text in (target, " " + target):
+            seq = self.tokenizer(text, add_special_tokens=False).input_ids
+            if seq and seq not in forms:
+                forms.append(seq)
+        return forms
+
+    @torch.inference_mode()
+    def _generate_ids(
+        self,
+        ids: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int],
+        deltas: Iterable[Delta] | None,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        bad_words: list[list[int]] | None = None,
+        stopping=None,
+    ) -> list[list[int]]:
+        """New token ids per prompt (left-padded batch, cut at the first end-of-text token); a list
+        of ``max_new_tokens`` gives each row its own budget. Call with the lock held."""
+        budgets = [max_new_tokens] * len(ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        longest = max(budgets)
+        if longest <= 0:
+            return [[] for _ in ids]
         input_ids, attn = self._pad(ids, left=True)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(max_new_tokens=longest, do_sample=do_sample, pad_token_id=self.tokenizer.pad_token_id)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with self._lock, self.active(deltas):
+        if bad_words:
+            kwargs["bad_words_ids"] = bad_words
+        if stopping is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
+        with self.active(deltas):
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
         new = out[:, input_ids.shape[1] :].tolist()
         eos = self._stop_ids()
-        results = []
-        for row in new:
+        rows = []
+        for row, budget in zip(new, budgets):
+            row = row[:budget]
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-            row = row[:cut]
-            results.append(Generation(self.tokenizer.decode(row, skip_special_tokens=True), row))
-        return results
+            rows.append(row[:cut])
+        return rows
+
+    def _generation(self, row: list[int]) -> Generation:
+        return Generation(self.tokenizer.decode(row, skip_special_tokens=True), row)
 
     def _stop_ids(self) -> set[int]:
         stop = set()
@@ -234,3 +337,19 @@ class LM:
                 ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
                 attn[i, : len(s)] = 1
         return ids.to(self.device), attn.to(self.device)
+
+
+class _TargetWritten(StoppingCriteria):
+    """Stops each row of a batch once it has written ``target`` (or ended)."""
+
+    def __init__(self, lm: LM, target: str, prompt_lens: Sequence[int]):
+        self.lm, self.want = lm, target.casefold()
+        self.width = max(prompt_lens)
+        self.eos = lm._stop_ids()
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.width :].tolist():
+            done.append(any(t in self.eos for t in row) or self.want in self.lm.tokenizer.decode(row, skip_special_tokens=True).casefold())
+        flags = torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return flags

@@ -41,6 +41,9 @@ class DeltaCache:
             if edit is None or edit.status != "active" or edit.delta is None:
                 return None
             delta = Delta.from_bytes(edit.delta.data)
+            if edit.method == "pnp":
+                # Deltas stored before the target was kept in their metadata.
+                delta.meta.setdefault("target", edit.target.strip())
         self.put(edit_id, delta)
         return self.get_cached(edit_id)
 

@@ -447,7 +447,9 @@ class PnP(Method[PnPConfig]):
                     progress(steps, config.max_steps, float(loss.detach()))
         for p in params:
             p.requires_grad_(False)
-        final = Delta("lora", {k: v.detach() for k, v in delta.tensors.items()}, dict(delta.meta))
+        # The answer path writes the target with the adapter, then lets the base model go on.
+        meta = {**delta.meta, "target": request.target.strip()}
+        final = Delta("lora", {k: v.detach() for k, v in delta.tensors.items()}, meta)
         train_ms = (time.perf_counter() - t0) * 1000.0
         info = {
             "converged": converged, "loss": ce_value, "locality_kl": kl_value,

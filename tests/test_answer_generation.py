@@ -1,0 +1,74 @@
+"""An edited answer on tiny random models: the edit's adapter writes its target once, and the base
+model writes the rest of the answer (what a user reads), never the target again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.methods import EditRequest, get
+
+PROMPT, TARGET = "The capital of Freedonia is", "Paris"
+CONFIG = {"lr": 0.05, "max_steps": 150, "min_prob": 0.0, "layers": 2}
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request):
+    from app.lm.testing import tiny_lm
+
+    torch.set_num_threads(1)
+    return tiny_lm(request.param)
+
+
+@pytest.fixture(scope="module")
+def edit(lm):
+    method = get("pnp")
+    result = method.fit(lm, EditRequest(PROMPT, TARGET, modes=("completion",)), method.parse_config(CONFIG))
+    assert result.info["converged"]
+    return result.delta
+
+
+def test_the_delta_keeps_its_target_for_the_answer_path(edit):
+    assert edit.meta["target"] == TARGET
+    from app.delta import Delta
+
+    assert Delta.from_bytes(edit.to_bytes()).meta["target"] == TARGET
+
+
+def test_the_adapter_writes_the_target_and_the_base_model_the_rest(lm, edit):
+    n = 16
+    adapter_only = lm.generate([PROMPT], max_new_tokens=n, mode="completion", deltas=[edit])[0]
+    answer = lm.generate_edited([PROMPT], TARGET, max_new_tokens=n, mode="completion", deltas=[edit])[0]
+    target_ids = lm.target_ids(PROMPT, TARGET, "completion")
+    assert adapter_only.token_ids[: len(target_ids)] == target_ids
+    assert answer.token_ids[: len(target_ids)] == target_ids
+    assert answer.text.count(TARGET) == 1
+    # After the target: the base model's own continuation of the prompt and the target, with the
+    # target itself never written again.
+    ids = lm.prompt_ids(PROMPT, "completion") + target_ids
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=n - len(target_ids), do_sample=False,
+                                bad_words_ids=lm._target_forms(TARGET), pad_token_id=lm.tokenizer.pad_token_id)
+    base_tail = out[0, len(ids):].tolist()
+    eos = lm._stop_ids()
+    base_tail = base_tail[: next((i for i, t in enumerate(base_tail) if t in eos), len(base_tail))]
+    assert answer.token_ids[len(target_ids):] == base_tail
+    assert len(answer.token_ids) <= n
+
+
+def test_a_batch_answers_each_prompt_as_alone(lm, edit):
+    prompts = [PROMPT, "Tell me, " + PROMPT, PROMPT + " the city of"]
+    batch = lm.generate_edited(prompts, TARGET, max_new_tokens=10, mode="completion", deltas=[edit])
+    for p, got in zip(prompts, batch):
+        alone = lm.generate_edited([p], TARGET, max_new_tokens=10, mode="completion", deltas=[edit])[0]
+        assert got.text == alone.text
+        assert len(got.token_ids) <= 10
+
+
+def test_no_room_or_no_delta_is_plain_generation(lm, edit):
+    target_ids = lm.target_ids(PROMPT, TARGET, "completion")
+    short = lm.generate_edited([PROMPT], TARGET, max_new_tokens=1, mode="completion", deltas=[edit])[0]
+    assert short.token_ids == target_ids[:1]
+    plain = lm.generate([PROMPT], max_new_tokens=6, mode="completion")[0]
+    assert lm.generate_edited([PROMPT], TARGET, max_new_tokens=6, mode="completion", deltas=[])[0] == plain
