@@ -14,7 +14,7 @@ TABLES = {"edits", "edit_deltas", "edit_keys", "calibrations", "jobs", "audit_ev
 def test_migrations_create_tables_in_postgres(pg_url, schema):
     db = Database(pg_url, schema)
     db.upgrade()
-    assert db.current_revision() == "0001"
+    assert db.current_revision() == "0002"
     assert TABLES <= set(inspect(db.engine).get_table_names(schema=schema))
     db.upgrade()  # idempotent
     db.dispose()
@@ -24,6 +24,41 @@ def test_migrations_on_sqlite(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")
     db.upgrade()
     assert TABLES <= set(inspect(db.engine).get_table_names())
+    assert "scope" in {c["name"] for c in inspect(db.engine).get_columns("edits")}
+    db.downgrade("0001")  # the downgrade drops the column again
+    assert "scope" not in {c["name"] for c in inspect(db.engine).get_columns("edits")}
+
+
+def test_rows_from_before_scopes_read_as_fact(pg_url, schema):
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    db = Database(pg_url, schema)
+    db.upgrade("0001")
+    now = datetime.now(timezone.utc)
+    with db.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO edits (id, method, prompt, target, paraphrases, locality_prompts, config, status, "
+                "metrics, created_at, updated_at) VALUES ('old', 'pnp', 'p', 't', '[]', '[]', '{}', 'active', '{}', "
+                ":now, :now)"
+            ),
+            {"now": now},
+        )
+    db.upgrade()
+    assert db.current_revision() == "0002"
+    with db.transaction() as s:
+        assert EditRepo(s).get("old").scope == "fact"
+        e = Edit(method="pnp", prompt="q", target="t", status="active", paraphrases=[], locality_prompts=[],
+                 config={}, metrics={}, scope="subject")
+        EditRepo(s).add(e, delta_kind="lora", delta_bytes=b"x", encoder="enc", key_texts=["q"], key_vectors=b"v")
+        plain = Edit(method="pnp", prompt="r", target="t", status="active", paraphrases=[], locality_prompts=[],
+                     config={}, metrics={})
+        EditRepo(s).add(plain, delta_kind="lora", delta_bytes=b"x", encoder="enc", key_texts=["r"], key_vectors=b"v")
+    with db.session() as s:
+        assert EditRepo(s).get(e.id).scope == "subject" and EditRepo(s).get(plain.id).scope == "fact"
+    db.dispose()
 
 
 def test_failed_transaction_leaves_nothing(pg_url, schema):

@@ -80,6 +80,16 @@ class Database:
             cfg.attributes["schema"] = self.schema
             command.upgrade(cfg, revision)
 
+    def downgrade(self, revision: str) -> None:
+        """Run Alembic migrations down to ``revision``."""
+        from alembic import command
+
+        with self.engine.begin() as conn:
+            cfg = alembic_config(self.url)
+            cfg.attributes["connection"] = conn
+            cfg.attributes["schema"] = self.schema
+            command.downgrade(cfg, revision)
+
     def current_revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
 

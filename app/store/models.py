@@ -37,6 +37,8 @@ class Edit(Base):
     locality_prompts: Mapped[list[str]] = mapped_column(JSON, default=list)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), index=True)  # active | reverted | superseded
+    # fact: serves queries asking the edited relation of its subject | subject: every query about it
+    scope: Mapped[str] = mapped_column(String(16), default="fact", server_default="fact")
     supersedes_id: Mapped[str | None] = mapped_column(ForeignKey("edits.id"), nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
@@ -70,7 +72,8 @@ class EditKeys(Base):
     edit_id: Mapped[str] = mapped_column(ForeignKey("edits.id", ondelete="CASCADE"), primary_key=True)
     encoder: Mapped[str] = mapped_column(String(200))
     texts: Mapped[list[str]] = mapped_column(JSON)
-    vectors: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes, float32 [n, d]
+    # safetensors bytes: float32 "keys" [n, d] and, when the edit has relation keys, "relation" [m, d]
+    vectors: Mapped[bytes] = mapped_column(LargeBinary)
 
     edit: Mapped[Edit] = relationship(back_populates="keys")
 
