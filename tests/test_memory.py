@@ -63,3 +63,110 @@ def test_pubsub_reaches_other_replicas(redis_url, redis_prefix):
     assert got[0]["op"] == "add" and got[0]["edit_id"] == "e7"
     a.close()
     b.close()
+
+
+def scoped(i: int) -> tuple[StoredKeys, np.ndarray, np.ndarray]:
+    """A subject-scoped record with relation keys, and its two tensors."""
+    keys = np.arange(8, dtype=np.float32).reshape(2, 4) + i
+    relation = np.arange(12, dtype=np.float32).reshape(3, 4) - i
+    return StoredKeys(f"s{i}", "enc", ["a", "b"], "Subj", vectors_to_bytes(keys, relation), "subject"), keys, relation
+
+
+def test_scope_and_relation_keys_round_trip(memory):
+    from app.services.memory_sync import key_tensors_from_bytes
+
+    stored, keys, relation = scoped(1)
+    memory.put(stored)
+    memory.put(rec(2))  # a fact-scoped record without relation keys beside it
+    got = memory.get("s1")
+    assert got.scope == "subject" and got.subject == "Subj" and got.texts == ["a", "b"]
+    got_keys, got_relation = key_tensors_from_bytes(got.vectors)
+    assert np.array_equal(got_keys, keys) and np.array_equal(got_relation, relation)
+    plain = memory.get("e2")
+    assert plain.scope == "fact" and key_tensors_from_bytes(plain.vectors)[1] is None
+    memory.replace_all([stored])
+    (again,) = memory.all()
+    assert again.scope == "subject" and np.array_equal(key_tensors_from_bytes(again.vectors)[1], relation)
+
+
+def test_data_written_before_scopes_still_loads(redis_url, redis_prefix):
+    """Meta without ``scope`` and vectors without ``relation``: a fact-scoped record without relation keys."""
+    import json
+
+    from safetensors.numpy import save
+
+    from app.services.memory_sync import MemorySync
+
+    m = RedisKeyMemory(redis_url, redis_prefix)
+    keys = np.eye(2, 4, dtype=np.float32)
+    m._redis.hset(f"{redis_prefix}:meta", "old", json.dumps({"encoder": "enc", "texts": ["x", "y"], "subject": "S"}))
+    m._redis.hset(f"{redis_prefix}:vec", "old", save({"keys": keys}))
+    stored = m.get("old")
+    assert stored.scope == "fact" and np.array_equal(vectors_from_bytes(stored.vectors), keys)
+    record = MemorySync(None, m, None).to_record(stored)
+    assert record.scope == "fact" and record.relation_vectors is None and record.texts == ["x", "y"]
+    assert np.array_equal(record.vectors, keys)
+    m.close()
+
+
+class FourDims:
+    name, dim = "enc", 4
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.eye(len(texts), 4, dtype=np.float32)
+
+
+def test_rebuild_from_postgres_keeps_scope_and_relation_keys(pg_url, schema, redis_url, redis_prefix):
+    from safetensors.numpy import save
+
+    from app.selector.router import Selector
+    from app.services.memory_sync import MemorySync, key_tensors_from_bytes
+    from app.store import Database, EditRepo
+    from app.store.models import Edit
+
+    db = Database(pg_url, schema)
+    db.upgrade()
+    keys, relation = np.eye(2, 4, dtype=np.float32), np.eye(3, 4, k=1, dtype=np.float32)
+    with db.transaction() as s:
+        new = Edit(method="pnp", prompt="a", target="t", subject="Subj", scope="subject", status="active",
+                   paraphrases=["b"], locality_prompts=[], config={}, metrics={})
+        EditRepo(s).add(new, delta_kind="lora", delta_bytes=b"d", encoder="enc", key_texts=["a", "b"],
+                        key_vectors=vectors_to_bytes(keys, relation))
+        old = Edit(method="pnp", prompt="c", target="t", status="active", paraphrases=["d"], locality_prompts=[],
+                   config={}, metrics={})  # keys as written before relation keys existed
+        EditRepo(s).add(old, delta_kind="lora", delta_bytes=b"d", encoder="enc", key_texts=["c", "d"],
+                        key_vectors=save({"keys": keys}))
+    memory = RedisKeyMemory(redis_url, redis_prefix)
+    selector = Selector(FourDims())
+    sync = MemorySync(db, memory, selector)
+    assert sync.rebuild_from_database() == 2
+
+    shared = {r.edit_id: r for r in memory.all()}
+    assert shared[new.id].scope == "subject" and shared[old.id].scope == "fact"
+    assert np.array_equal(key_tensors_from_bytes(shared[new.id].vectors)[1], relation)
+    assert key_tensors_from_bytes(shared[old.id].vectors)[1] is None
+    mirror = selector._records
+    assert mirror[new.id].scope == "subject" and np.array_equal(mirror[new.id].relation_vectors, relation)
+    assert mirror[old.id].scope == "fact" and mirror[old.id].relation_vectors is None
+
+    # a second replica learns of a change through pub/sub with both intact
+    other = Selector(FourDims())
+    replica = MemorySync(db, RedisKeyMemory(redis_url, redis_prefix), other, poll_seconds=60)
+    replica.start()
+    time.sleep(0.3)  # let the subscription register
+    stored = sync.to_stored(mirror[new.id], "enc")
+    stored.edit_id = "fresh"
+    sync.note_local_version(memory.put(stored))
+    deadline = time.monotonic() + 5
+    while "fresh" not in other and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert other._records["fresh"].scope == "subject"
+    assert np.array_equal(other._records["fresh"].relation_vectors, relation)
+
+    # the mirror straight from the database (Redis unreachable) carries them too
+    sync.load_mirror_from_database()
+    assert selector._records[new.id].scope == "subject" and selector._records[old.id].relation_vectors is None
+    replica.stop()
+    replica.memory.close()
+    memory.close()
+    db.dispose()

@@ -1,7 +1,8 @@
 """Where selector keys are shared: Redis (several replicas) or an in-process store (one replica).
 
-Both keep, per active edit, its key vectors (safetensors bytes), key texts, subject and encoder
-name, plus a version number bumped by every change. Redis also carries a pub/sub channel so that
+Both keep, per active edit, its key vectors (safetensors bytes: ``keys`` and, when the edit has
+them, its relation keys ``relation``), key texts, subject, scope and encoder name, plus a version
+number bumped by every change. Redis also carries a pub/sub channel so that
 replicas learn of each change at once; a periodic version check catches anything missed, and a
 missing version (Redis flushed or restarted empty) tells the service to rebuild from the database.
 """
@@ -20,19 +21,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StoredKeys:
+    """One edit's keys as stored: a JSON meta (encoder, texts, subject, scope) beside the vectors.
+
+    ``vectors`` is safetensors bytes holding the float32 tensor ``keys`` [n, d] and, for an edit
+    keyed with relation keys, ``relation`` [m, d] (see ``app.services.memory_sync``). Data written
+    before scopes existed has neither ``scope`` nor ``relation``: it reads as scope ``fact``."""
+
     edit_id: str
     encoder: str
     texts: list[str]
     subject: str | None
-    vectors: bytes  # safetensors bytes holding one float32 tensor "keys" [n, d]
+    vectors: bytes
+    scope: str = "fact"
 
     def meta_json(self) -> str:
-        return json.dumps({"encoder": self.encoder, "texts": self.texts, "subject": self.subject})
+        return json.dumps({"encoder": self.encoder, "texts": self.texts, "subject": self.subject, "scope": self.scope})
 
     @classmethod
     def from_parts(cls, edit_id: str, meta: str | bytes, vectors: bytes) -> "StoredKeys":
         m = json.loads(meta)
-        return cls(edit_id, m["encoder"], m["texts"], m.get("subject"), vectors)
+        return cls(edit_id, m["encoder"], m["texts"], m.get("subject"), vectors, m.get("scope") or "fact")
 
 
 Event = dict  # {"op": "add" | "remove" | "reload", "edit_id": str | None, "version": int}

@@ -17,18 +17,36 @@ from app.store import Database, EditRepo
 log = logging.getLogger(__name__)
 
 
-def vectors_to_bytes(vectors: np.ndarray) -> bytes:
-    return np_save({"keys": np.ascontiguousarray(vectors, dtype=np.float32)})
+KEYS = "keys"
+RELATION = "relation"
+
+
+def vectors_to_bytes(vectors: np.ndarray, relation: np.ndarray | None = None) -> bytes:
+    """An edit's key vectors as safetensors bytes: float32 ``keys`` [n, d] and, when the edit has
+    relation keys, float32 ``relation`` [m, d] beside them (the format of ``edit_keys.vectors``
+    in the database and of the Redis vector hash)."""
+    tensors = {KEYS: np.ascontiguousarray(vectors, dtype=np.float32)}
+    if relation is not None:
+        tensors[RELATION] = np.ascontiguousarray(relation, dtype=np.float32)
+    return np_save(tensors)
+
+
+def key_tensors_from_bytes(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``keys`` and the ``relation`` keys (None when absent, as in data written before
+    relation keys existed) of ``vectors_to_bytes`` output."""
+    tensors = np_load(data)
+    return tensors[KEYS], tensors.get(RELATION)
 
 
 def vectors_from_bytes(data: bytes) -> np.ndarray:
-    return np_load(data)["keys"]
+    """The ``keys`` tensor alone."""
+    return key_tensors_from_bytes(data)[0]
 
 
 def stored_from_edit(edit) -> StoredKeys:
-    """The memory record of an edit row loaded with its keys."""
+    """The memory record of an edit row loaded with its keys (rows from before scopes: ``fact``)."""
     keys = edit.keys
-    return StoredKeys(edit.id, keys.encoder, list(keys.texts), edit.subject, keys.vectors)
+    return StoredKeys(edit.id, keys.encoder, list(keys.texts), edit.subject, keys.vectors, edit.scope or "fact")
 
 
 class MemorySync:
@@ -47,13 +65,17 @@ class MemorySync:
     def to_record(self, stored: StoredKeys):
         from app.selector.router import KeyRecord
 
+        vectors, relation = key_tensors_from_bytes(stored.vectors)
         return KeyRecord(
-            edit_id=stored.edit_id, vectors=vectors_from_bytes(stored.vectors), texts=list(stored.texts),
-            subject=stored.subject,
+            edit_id=stored.edit_id, vectors=vectors, texts=list(stored.texts), subject=stored.subject,
+            scope=stored.scope, relation_vectors=relation,
         )
 
     def to_stored(self, record, encoder: str) -> StoredKeys:
-        return StoredKeys(record.edit_id, encoder, list(record.texts), record.subject, vectors_to_bytes(record.vectors))
+        return StoredKeys(
+            record.edit_id, encoder, list(record.texts), record.subject,
+            vectors_to_bytes(record.vectors, record.relation_vectors), record.scope,
+        )
 
     # -- start / rebuild -----------------------------------------------------------------------
     def start(self) -> None:
@@ -74,12 +96,12 @@ class MemorySync:
     def rebuild_from_database(self) -> int:
         """Write every active edit's keys from the database into the memory, then reload the mirror."""
         with self.db.session() as s:
-            stored = [stored_from_edit(e) for e in EditRepo(s).active_with_keys() if e.keys is not None]
+            edits = [e for e in EditRepo(s).active_with_keys() if e.keys is not None]
         encoder = self.selector.encoder.name
-        stale = [r.edit_id for r in stored if r.encoder != encoder]
+        stale = sum(e.keys.encoder != encoder for e in edits)
         if stale:
-            log.warning("%d edits were keyed with another encoder; re-embedding them with %s", len(stale), encoder)
-            stored = [self._reembed(r) if r.encoder != encoder else r for r in stored]
+            log.warning("%d edits were keyed with another encoder; re-embedding them with %s", stale, encoder)
+        stored = [stored_from_edit(e) if e.keys.encoder == encoder else self._reembed(e) for e in edits]
         with self._lock:
             version = self.memory.replace_all(stored)
             self._load_mirror(version)
@@ -95,9 +117,13 @@ class MemorySync:
             self.selector.replace_all(records)
             self._local_version = None
 
-    def _reembed(self, r: StoredKeys) -> StoredKeys:
-        vecs = self.selector.encoder.encode(list(r.texts))
-        return StoredKeys(r.edit_id, self.selector.encoder.name, r.texts, r.subject, vectors_to_bytes(vecs))
+    def _reembed(self, edit) -> StoredKeys:
+        """Keys (and relation keys) of an edit row embedded afresh, as a new edit's are."""
+        record = self.selector.keys_for(
+            edit.prompt, list(edit.paraphrases or []), edit.subject, target=edit.target, scope=edit.scope or "fact",
+        )
+        record.edit_id = edit.id
+        return self.to_stored(record, self.selector.encoder.name)
 
     def ensure(self) -> None:
         """Rebuild when the memory holds nothing (first start, or Redis lost its data); else load it."""
