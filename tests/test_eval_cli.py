@@ -237,3 +237,26 @@ def test_unreachable_service_is_a_clear_error(tmp_path):
                                        "--n", "2", "--url", url, "--key", "k", "--out", str(tmp_path / "o")])
     assert res.exit_code == 1, res.output
     assert "eval stopped" in res.output and not (tmp_path / "o").exists()
+
+
+def test_mode_both_reports_rows_per_form_with_user_view(tmp_path):
+    model_dir = _tiny_model_dir(tmp_path)
+    out = tmp_path / "out"
+    res = runner.invoke(standalone(), [
+        "eval", "--dataset", "counterfact", "--file", str(_cf_file(tmp_path, 4)), "--n", "3", "--method", "pnp",
+        "--config", "max_steps=2", "--held", "0", "--latency-probe", "0", "--mode", "both", "--fluency-n", "2",
+        "--model", str(model_dir), "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in data["rows"]] == ["base (no edits) (completion)", "pnp (completion)",
+                                                  "base (no edits) (chat)", "pnp (chat)"]
+    assert [r["mode"] for r in data["rows"]] == ["completion", "completion", "chat", "chat"]
+    for row in data["rows"]:
+        assert row["subject_locality"]["n"] == 3 and 0.0 <= row["subject_locality"]["mean"] <= 1.0
+        assert row["fluency"]["ge"]["n"] == 2 and row["fluency"]["ge"]["mean"] >= 0.0
+        assert row["repeat_rate"]["n"] == 4
+    assert data["rows"][3]["rel_free"]["n"] == 2 and data["rows"][1]["rel_free"]["n"] == 0
+    assert data["user_view"]["fluency_cases"] == 2 and data["config"]["mode"] == "both"
+    md = (out / "report.md").read_text()
+    assert "subject locality (greedy EM)" in md and "pnp (chat)" in md and "Cases each metric covers" in md

@@ -17,6 +17,12 @@ import typer
 DEFAULT_RESULTS = Path("results")
 
 
+class ModeChoice(str, Enum):
+    completion = "completion"
+    chat = "chat"
+    both = "both"
+
+
 class DatasetChoice(str, Enum):
     zsre = "zsre"
     counterfact = "counterfact"
@@ -97,6 +103,16 @@ def eval_command(
         help="Share of a held question's truth tokens that must be the argmax (1.0: greedy writes it)."),
     latency_probe: int = typer.Option(5, "--latency-probe", min=0,
                                       help="Single-query answers timed before and after the edits."),
+    mode: ModeChoice = typer.Option(
+        ModeChoice.completion, "--mode",
+        help="Prompt form of every measurement: completion, chat (the service's default), or both (edits made "
+             "once, measured in each form; one row per form)."),
+    fluency_n: int = typer.Option(
+        200, "--fluency-n", min=0,
+        help="Seeded sample of cases for fluency (generation entropy), repeat rate and free-form reliability "
+             "(100-token and 64-token answers); 0 = all cases."),
+    subject_queries: int = typer.Option(2, "--subject-queries", min=0,
+                                        help="Other-relation questions per edited subject (subject locality)."),
     out: Optional[Path] = typer.Option(None, "--out", file_okay=False, help="Output folder."),
     url: Optional[str] = typer.Option(None, "--url", help="Drive a running service over HTTP instead of in-process."),
     key: Optional[str] = typer.Option(None, "--key", envvar="FACTPATCH_EVAL_KEY", help="Admin API key for --url."),
@@ -117,7 +133,8 @@ def eval_command(
         raise typer.BadParameter(str(exc), param_hint="--file") from None
     cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
                      seed=seed, shuffle=shuffle, curve_every=curve_every, held=held,
-                     latency_probe=latency_probe, held_min_accuracy=held_min_accuracy)
+                     latency_probe=latency_probe, held_min_accuracy=held_min_accuracy, mode=mode.value,
+                     fluency_n=fluency_n, subject_queries=subject_queries)
     out = out or DEFAULT_RESULTS / f"eval-{dataset.value}-{method}-n{n}-{'seq' if sequential else 'ind'}"
     console = Console(stderr=True)
     console.print(f"{ds.name}: {len(ds.cases)} usable records, {ds.skipped} skipped {dict(ds.skip_reasons) or ''}")

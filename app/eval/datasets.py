@@ -38,6 +38,7 @@ class EditCase:
     paraphrase: str | None = None
     locality_prompt: str | None = None
     locality_answer: str | None = None
+    relation: str | None = None  # Wikidata relation id when the record names one (CounterFact's relation_id)
 
 
 @dataclass
@@ -81,6 +82,7 @@ def _zsre(record: dict[str, Any], index: int) -> EditCase | str:
         paraphrase=_opt(record.get("rephrase")),
         locality_prompt=loc or None,
         locality_answer=_opt(record.get("loc_ans")),
+        relation=_opt(record.get("relation_id")),
     )
 
 
@@ -99,6 +101,8 @@ def _counterfact(record: dict[str, Any], index: int) -> EditCase | str:
         paraphrase=_opt(record.get("rephrase_prompt")),
         locality_prompt=_opt(record.get("locality_prompt")),
         locality_answer=_opt(record.get("locality_ground_truth")),
+        relation=_opt(record.get("relation_id")) or _opt((record.get("requested_rewrite") or {}).get("relation_id")
+                                                         if isinstance(record.get("requested_rewrite"), dict) else None),
     )
 
 
@@ -148,6 +152,26 @@ def load_dataset(name: str, path: Path | str) -> Dataset:
     if not cases:
         raise DatasetError(f"{path} holds no usable {name} record ({dict(reasons) or 'empty file'})")
     return Dataset(name, path, file_sha256(path), cases, sum(reasons.values()), reasons)
+
+
+def fact_key(case: EditCase) -> tuple[str, str]:
+    """What makes two edits the same fact: normalised subject and prompt.
+
+    The service supersedes an active edit when the new edit's prompt routes to it and the target
+    differs; with the selector's subject rule that is the same subject asked the same question.
+    The harness decides it up front from the text so every run groups re-edits the same way.
+    """
+    norm = lambda t: " ".join((t or "").lower().split()).rstrip(" ?.:")  # noqa: E731
+    return norm(case.subject), norm(case.prompt)
+
+
+def supersede_plan(cases: list[EditCase]) -> list[int | None]:
+    """For each case in edit order, the index of the later case that re-edits the same fact (its
+    latest target), or None when the case itself holds the fact's latest target."""
+    last: dict[tuple[str, str], int] = {}
+    for i, c in enumerate(cases):
+        last[fact_key(c)] = i
+    return [None if last[fact_key(c)] == i else last[fact_key(c)] for i, c in enumerate(cases)]
 
 
 def select(cases: list[EditCase], n: int, *, shuffle: bool = False, seed: int = 0) -> tuple[list[EditCase], list[EditCase]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
+from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -232,3 +233,66 @@ def mean_or_none(values: Iterable[float | bool | None]) -> float | None:
 
 def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+# -- what a user sees: fluency, repetition, free-form reliability -----------------------------------
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def word_tokens(text: str) -> list[str]:
+    """Words and punctuation marks (a regex stand-in for ``nltk.word_tokenize``)."""
+    return _TOKEN.findall(text)
+
+
+def compute_n_gram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's generation entropy of one text: for each n, the entropy (bits) of the frequency
+    distribution of its n-grams, times the weight of n; then the arithmetic mean over the ns.
+
+    Identical to ROME's ``compute_n_gram_entropy`` (ns [2, 3], weights [2/3, 4/3], agg "arith")
+    except the tokenizer; an n with no n-gram (a text shorter than n words) contributes 0 where
+    ROME's would give NaN.
+    """
+    tokens = word_tokens(text)
+    values = []
+    for n, w in zip(ns, weights):
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        if not grams:
+            values.append(0.0)
+            continue
+        freqs = np.array(list(Counter(grams).values()), dtype=float)
+        freqs /= freqs.sum()
+        values.append(float(np.sum(-freqs * np.log(freqs) / np.log(2))) * w)
+    return float(np.mean(values))
+
+
+def n_gram_entropy(texts: Sequence[str]) -> float | None:
+    """ROME's ``n_gram_entropy(gen_texts, agg="arith")``: the mean of the texts' entropies (not x100)."""
+    if not len(texts):
+        return None
+    return float(np.mean([compute_n_gram_entropy(t) for t in texts]))
+
+
+def relative_change(edited: float | None, base: float | None) -> float | None:
+    if edited is None or base is None or base == 0:
+        return None
+    return (edited - base) / base
+
+
+def count_mentions(text: str, target: str) -> int:
+    """Occurrences of the target as whole words, case and spacing aside."""
+    words = target.split()
+    if not words:
+        return 0
+    pattern = r"\s+".join(re.escape(w) for w in words)
+    return len(re.findall(rf"(?<!\w){pattern}(?!\w)", text, flags=re.IGNORECASE))
+
+
+def repeats_target(text: str, target: str) -> bool:
+    """The answer names the target more than once ("Keir Starmer, Keir Starmer, ...")."""
+    return count_mentions(text, target) > 1
+
+
+def names_target_once(text: str, target: str) -> bool:
+    """Free-form reliability ("The Mirage of Model Editing"): the answer the model writes until it
+    stops names the target, exactly once."""
+    return count_mentions(text, target) == 1

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 SHORT_LABELS = {"reliability (TF)": "rel TF", "reliability (greedy EM)": "rel EM", "generalization (TF)": "gen TF",
                 "generalization (greedy EM)": "gen EM", "locality (TF)": "loc TF", "locality (greedy EM)": "loc EM",
-                "perf. deterioration": "PD", "held acc": "held"}
+                "perf. deterioration": "PD", "held acc": "held", "subject locality (greedy EM)": "subj loc",
+                "repeat rate": "repeat", "reliability (free, chat)": "rel free", "fluency GE (x100)": "GE",
+                "GE vs base": "GE Δ"}
 METRIC_COLUMNS: list[tuple[str, str]] = [
     ("rel_tf", "reliability (TF)"),
     ("rel_em", "reliability (greedy EM)"),
@@ -25,6 +27,12 @@ METRIC_COLUMNS: list[tuple[str, str]] = [
     ("gen_em", "generalization (greedy EM)"),
     ("loc_tf", "locality (TF)"),
     ("loc_em", "locality (greedy EM)"),
+]
+# What a user sees (rows of results.json written since these columns exist; older files show n/a).
+USER_COLUMNS: list[tuple[str, str]] = [
+    ("subject_locality", "subject locality (greedy EM)"),
+    ("repeat_rate", "repeat rate"),
+    ("rel_free", "reliability (free, chat)"),
 ]
 CURVE_SERIES: list[tuple[str, str]] = [
     ("rel_tf", "reliability (TF)"),
@@ -86,13 +94,57 @@ def stat_cell(stat: dict[str, Any] | None) -> str:
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
+def ge_cells(row: dict[str, Any]) -> list[str]:
+    """Generation entropy of the row (x100, with interval) and its relative change from the base model."""
+    f = row.get("fluency") or {}
+    ge = f.get("ge")
+    cell = "n/a" if not ge or ge.get("mean") is None else f"{ge['mean']:.1f} [{ge['low']:.1f}, {ge['high']:.1f}]"
+    change = f.get("ge_change")
+    return [cell, "n/a" if change is None else f"{100 * change:+.1f}%"]
+
+
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "n"] + [label for _, label in METRIC_COLUMNS] + ["held acc", "perf. deterioration", "F/U"]
+    header = (["run", "n"] + [label for _, label in METRIC_COLUMNS] + [label for _, label in USER_COLUMNS]
+              + ["fluency GE (x100)", "GE vs base", "held acc", "perf. deterioration", "F/U"])
     rows = []
     for row in results["rows"]:
         rows.append([row["name"], str(row["n"])] + [stat_cell(row.get(k)) for k, _ in METRIC_COLUMNS]
+                    + [stat_cell(row.get(k)) for k, _ in USER_COLUMNS] + ge_cells(row)
                     + [_num(row.get("held_accuracy")), _num(row.get("performance_deterioration")), _num(row.get("fu_ratio"))])
     return header, rows
+
+
+def coverage_lines(results: dict[str, Any]) -> list[str]:
+    """How many cases (answers, queries) each metric of each row covers."""
+    lines = []
+    for row in results["rows"]:
+        cells = [f"{label.split(' (')[0] if k.startswith(('rel', 'gen', 'loc')) else label}: "
+                 f"{(row.get(k) or {}).get('n', 0)}" for k, label in METRIC_COLUMNS[::2]]
+        if "subject_locality" in row:
+            f = row.get("fluency") or {}
+            cells += [f"subject locality: {row['subject_locality']['n']} cases "
+                      f"({row.get('subject_locality_queries', 0)} queries, "
+                      f"{row.get('subject_locality_routed', 0)} routed to an edit)",
+                      f"fluency: {(f.get('ge') or {}).get('n', 0)} cases ({f.get('answers', 0)} answers)",
+                      f"repeat rate: {row['repeat_rate']['n']} answers",
+                      f"free-form reliability: {row['rel_free']['n']} cases"]
+        lines.append(f"- {row['name']} ({row['n']} cases): " + "; ".join(cells))
+    return lines
+
+
+def superseded_lines(results: dict[str, Any]) -> list[str]:
+    sup = results.get("superseded") or {}
+    if not sup.get("count"):
+        return []
+    parts = ["", "## Re-edits of the same fact",
+             f"{sup['count']} edits were superseded by a later edit of the same fact (same subject and prompt, "
+             "normalised). The rows above score each fact against its latest target only; the superseded edits, "
+             "measured against their own (old) targets, are here and are not counted as failures (a low "
+             "reliability here means the old target is gone, as it should be)."]
+    if sup.get("rows"):
+        header, rows = table_rows({"rows": sup["rows"]})
+        parts += ["", markdown_table(header, rows)]
+    return parts
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -126,9 +178,31 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         f"{cfg['locality_tokens']} greedy tokens are identical). The edit request carries only prompt, "
         "target and subject: paraphrases and locality prompts are never shown to the method.",
         "",
+        "What a user sees: subject locality asks each edited subject "
+        f"{cfg.get('subject_queries', 2)} questions of other relations that fit its type (ParaRel templates; "
+        "see app/eval/pararel.py) and compares the greedy answers after all edits with those before any edit "
+        f"(first {cfg['locality_tokens']} tokens identical). Fluency is ROME's generation entropy "
+        "(weighted 2-/3-gram entropy, x100) of "
+        f"{cfg.get('fluency_tokens', 100)}-token greedy answers to the edit prompts and paraphrases; GE vs base is "
+        "its relative change from the base model's answers to the same prompts. Repeat rate: share of those "
+        "answers naming the target more than once. Free-form reliability: the chat answer, written until the "
+        f"model stops (at most {cfg.get('free_tokens', 64)} tokens), names the target exactly once; it is always "
+        "measured in chat form and shown in the chat row (or the only row).",
+        "",
+        "Cases each metric covers:",
+        *coverage_lines(results),
+        *superseded_lines(results),
+        "",
         "## Settings",
         f"- mode: {mode}; prompt form: {cfg['mode']}",
         f"- dataset: {ds['name']}, `{ds['file']}`, sha256 `{ds['sha256']}`",
+        *([f"- user view: fluency, repeat rate and free-form reliability on a seeded sample of "
+            f"{results['user_view']['fluency_cases']} of {results['user_view']['fluency_of']} cases; subject "
+            f"relation found for {results['user_view']['subject_relation_found']} cases, ambiguous (several "
+            f"relations share the template) for {results['user_view']['subject_relation_ambiguous']}, unknown "
+            f"(type-agnostic default relations) for {results['user_view']['subject_relation_unknown']}; "
+            f"{results['user_view']['subject_queries_total']} subject-locality queries"]
+          if results.get("user_view") else []),
         f"- records: {ds['records']}, usable {ds['usable']}, skipped {ds['skipped']} {ds['skip_reasons'] or ''}",
         f"- edited: {ds['edited']} ({'seeded sample, seed ' + str(cfg['seed']) if cfg['shuffle'] else 'first records in file order'})",
         f"- model: `{results['model_id']}`; backend: {results.get('backend', 'n/a')}",

@@ -7,12 +7,22 @@ state, after all N edits, so forgetting shows; curves measure the cases edited s
 All inputs of the judgement are ones the edit never saw: the paraphrase (generalization), an
 unrelated prompt (locality: does the greedy output stay what it was before any edit?) and a
 held set of the dataset's own questions the base model answers right (performance
-deterioration). Both datasets are scored in completion form: the target as the continuation of
-the prompt (a zsRE question, a CounterFact sentence prefix) with nothing added.
+deterioration). Both datasets are scored in completion form by default: the target as the
+continuation of the prompt (a zsRE question, a CounterFact sentence prefix) with nothing added;
+``mode="chat"`` uses the service's chat form, ``mode="both"`` makes the edits once and measures
+them in both forms (one row per form).
+
+What a user sees, beyond the literature's numbers: questions of other relations about the edited
+subject (subject locality, see :mod:`app.eval.pararel`), ROME's generation entropy and the share
+of long answers repeating the target (on a seeded sample of ``fluency_n`` cases), and free-form
+reliability (the chat answer, written until the model stops, names the target exactly once).
+Re-edits of the same fact (same normalised subject and prompt) are scored against the latest
+target; the superseded earlier edits are reported apart, not as failures.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +32,8 @@ from pydantic import BaseModel, Field
 
 from app.eval import metrics as M
 from app.eval.backends import AnswerOutcome, Backend, BackendError, Mode, ScoreOutcome
-from app.eval.datasets import Dataset, EditCase, load_dataset, select
+from app.eval.datasets import Dataset, EditCase, load_dataset, select, supersede_plan
+from app.eval.pararel import SubjectQuery, plan_subject_queries
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 BASE_METHOD = "none"  # no edits: only the base model's row
@@ -49,11 +60,21 @@ class EvalConfig(BaseModel):
         description="A held question counts as answered when this share of its truth's tokens is the argmax "
         "(1.0: all of them, i.e. greedy decoding writes the truth).",
     )
-    mode: Literal["completion", "chat"] = Field(default="completion", description="Prompt form for scoring and answers.")
+    mode: Literal["completion", "chat", "both"] = Field(
+        default="completion", description="Prompt form for scoring and answers; `both`: edit once, measure in each form.")
     locality_tokens: int = Field(default=8, ge=1, description="Greedy tokens compared for locality exact match.")
     max_answer_tokens: int = Field(default=48, ge=1, description="Cap on greedy tokens generated per target.")
     n_boot: int = Field(default=2000, ge=100, description="Bootstrap resamples per interval.")
     latency_probe: int = Field(default=5, ge=0, description="Single-query answers timed before and after the edits.")
+    subject_queries: int = Field(default=2, ge=0, description="Other-relation questions about each edited subject.")
+    fluency_n: int = Field(
+        default=200, ge=0,
+        description="Seeded sample of cases for fluency, repeat rate and free-form reliability (0: all cases).")
+    fluency_tokens: int = Field(default=100, ge=1, description="Greedy tokens of the long answers (fluency, repeats).")
+    free_tokens: int = Field(default=64, ge=1, description="Token cap of the free-form (chat) answers.")
+
+    def modes(self) -> list[Mode]:
+        return ["completion", "chat"] if self.mode == "both" else [self.mode]  # type: ignore[list-item]
 
     def curve_step(self) -> int:
         return self.curve_every or max(1, self.n // 10)
@@ -84,6 +105,19 @@ class CaseResult:
     edit_ms: float | None = None
     fit_ms: float | None = None
     edit_error: str | None = None  # the service refused or failed the edit (its error code)
+    mode: str | None = None  # prompt form of every measurement in this record
+    superseded_by: str | None = None  # case id of a later edit of the same fact (then not in the main rows)
+    relation: str | None = None  # ParaRel relation(s) found for the case ("P19", "P106|P1303"), None: unknown
+    subj_queries: list[str] | None = None  # subject locality: other relations' questions about the subject
+    subj_before: list[str] | None = None
+    subj_after: list[str] | None = None
+    subj_routed: list[str | None] | None = None
+    subj_loc: float | None = None  # share of subj_queries whose greedy answer is unchanged
+    long_answers: list[str] | None = None  # fluency_tokens greedy answers to prompt and paraphrase
+    ge: float | None = None  # ROME generation entropy of long_answers (x100, mean over them)
+    repeats: list[bool] | None = None  # per long answer: names the target more than once
+    free_answer: str | None = None  # chat answer to the prompt, up to free_tokens, until the model stops
+    rel_free: bool | None = None  # free_answer names the target exactly once
 
 
 @dataclass
@@ -110,6 +144,8 @@ class EvalResult:
     base_cases: list[dict[str, Any]]
     elapsed_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    superseded: dict[str, Any] = field(default_factory=dict)
+    user_view: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +160,10 @@ class Runner:
     def __init__(self, backend: Backend, cfg: EvalConfig, progress: ProgressFn | None = None):
         self.b = backend
         self.cfg = cfg
-        self.mode: Mode = cfg.mode
+        self.modes: list[Mode] = cfg.modes()
+        self.mode: Mode = self.modes[0]
+        self.subj: list[list[SubjectQuery]] = []
+        self.fluency_idx: set[int] = set()
         self.progress = progress or (lambda stage, done, total: None)
         self.batch_latencies: list[float] = []  # per query, amortised over a batch
 
@@ -132,7 +171,7 @@ class Runner:
     def _score(self, pairs: Sequence[tuple[str, str]]) -> list[ScoreOutcome]:
         return self.b.score(pairs, self.mode) if pairs else []
 
-    def _generate(self, queries: Sequence[str], budgets: Sequence[int]) -> list[AnswerOutcome]:
+    def _generate(self, queries: Sequence[str], budgets: Sequence[int], mode: Mode | None = None) -> list[AnswerOutcome]:
         """Greedy answers, batched by similar budget (one max_new_tokens per request)."""
         order = sorted(range(len(queries)), key=lambda i: budgets[i])
         out: list[AnswerOutcome | None] = [None] * len(queries)
@@ -140,7 +179,7 @@ class Runner:
         for start in range(0, len(order), batch):
             idx = order[start : start + batch]
             t0 = time.perf_counter()
-            res = self.b.answer([queries[i] for i in idx], self.mode, max(budgets[i] for i in idx))
+            res = self.b.answer([queries[i] for i in idx], mode or self.mode, max(budgets[i] for i in idx))
             per_query = (time.perf_counter() - t0) * 1000.0 / len(idx)
             for i, r in zip(idx, res):
                 out[i] = r
@@ -244,15 +283,113 @@ class Runner:
             return s.all_correct
         return s.token_accuracy >= self.cfg.held_min_accuracy - 1e-9
 
+    # -- what a user sees: subject locality, long answers, free-form answers -----------------------
+    def measure_user(self, cases: Sequence[EditCase], indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Subject-locality answers of ``cases`` (run indices ``indices``) and, for the fluency sample,
+        long answers to prompt and paraphrase, in the current form; one batched pass."""
+        queries: list[str] = []
+        budgets: list[int] = []
+        slots: list[tuple[int, str]] = []
+        for j, (c, i) in enumerate(zip(cases, indices)):
+            for q in self.subj[i] if i < len(self.subj) else []:
+                queries.append(q.prompt), budgets.append(self.cfg.locality_tokens), slots.append((j, "subj"))
+            if i in self.fluency_idx:
+                for text in (c.prompt, c.paraphrase):
+                    if text:
+                        queries.append(text), budgets.append(self.cfg.fluency_tokens), slots.append((j, "long"))
+        res = self._generate(queries, budgets) if queries else []
+        out: list[dict[str, Any]] = [{"subj": [], "long": []} for _ in cases]
+        for (j, kind), r in zip(slots, res):
+            out[j][kind].append(r)
+        return out
+
+    def measure_free(self, cases: Sequence[EditCase], indices: Sequence[int]) -> list[AnswerOutcome | None]:
+        """Chat answers to the prompts of the fluency sample, up to free_tokens (the model may stop first)."""
+        todo = [j for j, i in enumerate(indices) if i in self.fluency_idx]
+        res = self._generate([cases[j].prompt for j in todo], [self.cfg.free_tokens] * len(todo), mode="chat") \
+            if todo else []
+        out: list[AnswerOutcome | None] = [None] * len(cases)
+        for j, r in zip(todo, res):
+            out[j] = r
+        return out
+
+    def fill_user(self, results: Sequence[CaseResult], cases: Sequence[EditCase], user: Sequence[dict[str, Any]],
+                  before: Sequence[CaseResult] | None) -> None:
+        """Per-case user-view numbers; ``before``: the same cases' pre-edit records (None: this is it)."""
+        for j, (r, c, u) in enumerate(zip(results, cases, user)):
+            if u["subj"]:
+                r.subj_after = [a.answer for a in u["subj"]]
+                r.subj_routed = [a.edit_id for a in u["subj"]]
+                r.subj_before = before[j].subj_after if before is not None else r.subj_after
+                if r.subj_before is not None and len(r.subj_before) == len(r.subj_after):
+                    same = [M.generation_agrees(b, a) for b, a in zip(r.subj_before, r.subj_after)]
+                    r.subj_loc = sum(same) / len(same)
+            if u["long"]:
+                r.long_answers = [a.answer for a in u["long"]]
+                r.ge = 100.0 * (M.n_gram_entropy(r.long_answers) or 0.0)
+                r.repeats = [M.repeats_target(a, c.target) for a in r.long_answers]
+
+    @staticmethod
+    def fill_free(results: Sequence[CaseResult], cases: Sequence[EditCase], free: Sequence[AnswerOutcome | None]) -> None:
+        for r, c, a in zip(results, cases, free):
+            if a is not None:
+                r.free_answer = a.answer
+                r.rel_free = M.names_target_once(a.answer, c.target)
+
+    def _prepare_user_view(self, cases: Sequence[EditCase], active: Sequence[int]) -> dict[str, Any]:
+        cfg = self.cfg
+        self.subj, rel_of = plan_subject_queries(cases, k=cfg.subject_queries, seed=cfg.seed)
+        pool = list(active)
+        size = len(pool) if cfg.fluency_n == 0 else min(cfg.fluency_n, len(pool))
+        self.fluency_idx = set(random.Random(cfg.seed).sample(pool, size))
+        self._relations = ["|".join(r) or None for r in rel_of]
+        return {
+            "modes": list(self.modes),
+            "subject_queries_per_case": cfg.subject_queries,
+            "subject_relation_found": sum(1 for r in rel_of if len(r) == 1),
+            "subject_relation_ambiguous": sum(1 for r in rel_of if len(r) > 1),
+            "subject_relation_unknown": sum(1 for r in rel_of if not r),
+            "subject_queries_total": sum(len(q) for q in self.subj),
+            "fluency_cases": size,
+            "fluency_of": len(pool),
+            "fluency_case_ids": sorted((cases[i].case_id for i in self.fluency_idx), key=str),
+            "fluency_tokens": cfg.fluency_tokens,
+            "free_tokens": cfg.free_tokens,
+            "free_mode": "chat",
+        }
+
+    def _new_results(self, cases: Sequence[EditCase], sup: Sequence[int | None], mode: Mode) -> list[CaseResult]:
+        rels = getattr(self, "_relations", [None] * len(cases))
+        return [CaseResult(c.case_id, c.prompt, c.target, mode=mode, relation=rels[i],
+                           superseded_by=cases[sup[i]].case_id if sup[i] is not None else None)
+                for i, c in enumerate(cases)]
+
     # -- rows --------------------------------------------------------------------------------------
-    def row(self, name: str, results: Sequence[CaseResult], **extra: Any) -> dict[str, Any]:
+    def row(self, name: str, results: Sequence[CaseResult], base: Sequence[CaseResult] | None = None,
+            **extra: Any) -> dict[str, Any]:
+        """Summary of ``results``; ``base``: the same cases before any edit (for the fluency change)."""
         seed, nb = self.cfg.seed, self.cfg.n_boot
-        stat = lambda attr: M.summarize([getattr(r, attr) for r in results], seed=seed, n_boot=nb).as_dict()  # noqa: E731
-        row = {"name": name, "n": len(results)}
+        summ = lambda values: M.summarize(values, seed=seed, n_boot=nb).as_dict()  # noqa: E731
+        row: dict[str, Any] = {"name": name, "n": len(results)}
         for attr in ("rel_tf", "rel_em", "gen_tf", "gen_em", "loc_tf", "loc_em"):
-            row[attr] = stat(attr)
+            row[attr] = summ([getattr(r, attr) for r in results])
+        row["subject_locality"] = summ([r.subj_loc for r in results])
+        row["subject_locality_routed"] = sum(1 for r in results for e in (r.subj_routed or []) if e is not None)
+        row["subject_locality_queries"] = sum(len(r.subj_routed or []) for r in results)
+        ge = summ([r.ge for r in results])
+        if base is None:
+            ge_base = ge["mean"]
+        else:  # the same cases before any edit, aligned with ``results``
+            ge_base = M.mean_or_none([b.ge for r, b in zip(results, base) if r.ge is not None and b.ge is not None])
+        row["fluency"] = {"ge": ge, "ge_base": ge_base, "ge_change": M.relative_change(ge["mean"], ge_base),
+                          "answers": sum(len(r.long_answers or []) for r in results)}
+        row["repeat_rate"] = summ([f for r in results for f in (r.repeats or [])])
+        row["rel_free"] = summ([r.rel_free for r in results])
         row.update(extra)
         return row
+
+    def _row_name(self, name: str, mode: Mode) -> str:
+        return f"{name} ({mode})" if len(self.modes) > 1 else name
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self, dataset: Dataset | None = None) -> EvalResult:
@@ -261,46 +398,82 @@ class Runner:
         ds = dataset or load_dataset(cfg.dataset, cfg.file)
         cases, rest = select(ds.cases, cfg.n, shuffle=cfg.shuffle, seed=cfg.seed)
         model_id = self.b.model_id()
+        editing = cfg.method != BASE_METHOD
+        # Re-edits of one fact: only sequential runs keep the older edit around to be superseded.
+        sup = supersede_plan(cases) if cfg.sequential and editing else [None] * len(cases)
+        active = [i for i in range(len(cases)) if sup[i] is None]
+        user_view = self._prepare_user_view(cases, active)
+        free_mode: Mode = "chat" if "chat" in self.modes else self.modes[0]  # the row that shows rel_free
+        indices = list(range(len(cases)))
 
-        self.progress("base model", 0, 1)
-        base_results = [CaseResult(c.case_id, c.prompt, c.target) for c in cases]
-        base_greedy = self.measure_greedy(cases)
-        refs = self.references(cases, base_greedy["loc"])
-        base_tf = self.measure_tf(cases, refs)
-        self.fill(base_results, cases, base_tf, base_greedy, refs)
-        held, held_info = self.build_held(rest, cases)
+        base_results: dict[str, list[CaseResult]] = {}
+        refs: dict[str, dict[str, Reference]] = {}
+        helds: dict[str, tuple[list[EditCase], dict[str, Any]]] = {}
+        for k, mode in enumerate(self.modes):
+            self.mode = mode
+            self.progress(f"base model ({mode})", 0, 1)
+            res = self._new_results(cases, sup, mode)
+            greedy = self.measure_greedy(cases)
+            refs[mode] = self.references(cases, greedy["loc"])
+            tf = self.measure_tf(cases, refs[mode])
+            self.fill(res, cases, tf, greedy, refs[mode])
+            self.fill_user(res, cases, self.measure_user(cases, indices), None)
+            helds[mode] = self.build_held(rest, cases)
+            base_results[mode] = res
+            self.progress(f"base model ({mode})", 1, 1)
+        self.fill_free(base_results[free_mode], cases, self.measure_free(cases, indices))
+        self.mode = self.modes[0]
         probe = [c.locality_prompt or c.prompt for c in cases]
         base_single = self.probe_latency(probe)
         base_batch = M.latency_summary(self.batch_latencies)
-        self.progress("base model", 1, 1)
-        rows = [self.row("base (no edits)", base_results, held_accuracy=1.0 if held else None,
-                         performance_deterioration=0.0 if held else None, fu_ratio=None)]
 
         curves: list[dict[str, Any]] = []
         fu = routing = None
-        results: list[CaseResult] = []
+        results: dict[str, list[CaseResult]] = {}
+        held_acc: dict[str, float | None] = {m: None for m in self.modes}
         self.batch_latencies = []
-        if cfg.method != BASE_METHOD:
+        if editing:
             if cfg.sequential:
-                results, curves, fu, routing, held_acc = self._sequential(cases, refs, held)
+                results, curves, fu, routing, held_acc = self._sequential(cases, refs, helds, sup, base_results)
             else:
-                results, routing = self._independent(cases, refs)
-                held_acc = None
-            pd = M.performance_deterioration(1.0 if held else None, held_acc)
-            rows.append(self.row(cfg.method, results, held_accuracy=held_acc, performance_deterioration=pd,
+                results, routing = self._independent(cases, refs, base_results)
+        edited_single = self.probe_latency(probe) if editing and cfg.sequential else []
+
+        rows: list[dict[str, Any]] = []
+        superseded: dict[str, Any] = {"count": sum(1 for s_ in sup if s_ is not None), "rows": []}
+        for mode in self.modes:
+            held = helds[mode][0]
+            base_act = [base_results[mode][i] for i in active]
+            rows.append(self.row(self._row_name("base (no edits)", mode), base_act, mode=mode,
+                                 held_accuracy=1.0 if held else None,
+                                 performance_deterioration=0.0 if held else None, fu_ratio=None))
+            if not editing:
+                continue
+            pd = M.performance_deterioration(1.0 if held else None, held_acc.get(mode))
+            rows.append(self.row(self._row_name(cfg.method, mode), [results[mode][i] for i in active], base_act,
+                                 mode=mode, held_accuracy=held_acc.get(mode), performance_deterioration=pd,
                                  fu_ratio=fu["ratio"] if fu else None))
-        edited_single = self.probe_latency(probe) if cfg.method != BASE_METHOD and cfg.sequential else []
+            old = [i for i in indices if sup[i] is not None]
+            if old:
+                superseded["rows"].append(self.row(
+                    self._row_name(f"{cfg.method}, superseded edits (own old targets)", mode),
+                    [results[mode][i] for i in old], [base_results[mode][i] for i in old], mode=mode))
+        first = self.modes[0]
+        edited_first = results.get(first, [])
         timing = {
-            "edit_wall_ms": M.latency_summary([r.edit_ms for r in results if r.edit_ms is not None]),
-            "edit_fit_ms": M.latency_summary([r.fit_ms for r in results if r.fit_ms is not None]),
+            "edit_wall_ms": M.latency_summary([r.edit_ms for r in edited_first if r.edit_ms is not None]),
+            "edit_fit_ms": M.latency_summary([r.fit_ms for r in edited_first if r.fit_ms is not None]),
             "answer_ms_base": M.latency_summary(base_single),
             "answer_ms_edited": M.latency_summary(edited_single),
             "answer_batch_ms_per_query_base": base_batch,
             "answer_batch_ms_per_query_edited": M.latency_summary(self.batch_latencies),
         }
-        held_info.update(case_ids=[c.case_id for c in held])
+        held_info = dict(helds[first][1])
+        held_info.update(case_ids=[c.case_id for c in helds[first][0]])
+        if len(self.modes) > 1:
+            held_info["by_mode"] = {m: {**helds[m][1], "case_ids": [c.case_id for c in helds[m][0]]} for m in self.modes}
         errors: dict[str, int] = {}
-        for r in results:
+        for r in edited_first:
             if r.edit_error:
                 errors[r.edit_error] = errors.get(r.edit_error, 0) + 1
         return EvalResult(
@@ -309,8 +482,10 @@ class Runner:
                      "usable": len(ds.cases), "skipped": ds.skipped, "skip_reasons": dict(ds.skip_reasons),
                      "edited": len(cases)},
             model_id=model_id, rows=rows, curves=curves, fu=fu, routing=routing, timing=timing, held=held_info,
-            cases=[asdict(r) for r in results], base_cases=[asdict(r) for r in base_results],
+            cases=[asdict(r) for m in self.modes for r in results.get(m, [])],
+            base_cases=[asdict(r) for m in self.modes for r in base_results[m]],
             elapsed_s=time.perf_counter() - t_start, extra={"edit_errors": errors},
+            superseded=superseded, user_view=user_view,
         )
 
     def _edit(self, case: EditCase, result: CaseResult) -> bool:
@@ -327,25 +502,55 @@ class Runner:
         result.edit_id, result.edit_ms, result.fit_ms = out.id, out.wall_ms, out.fit_ms
         return True
 
-    def _sequential(self, cases, refs, held):
-        results = [CaseResult(c.case_id, c.prompt, c.target) for c in cases]
+    def _measure_all(self, cases, indices, results, refs, base_results, mode: Mode) -> None:
+        """Every measurement of ``cases`` in the current state, in form ``mode``, into ``results``."""
+        self.mode = mode
+        tf = self.measure_tf(cases, refs[mode])
+        greedy = self.measure_greedy(cases)
+        self.fill(results, cases, tf, greedy, refs[mode])
+        self.fill_user(results, cases, self.measure_user(cases, indices), [base_results[mode][i] for i in indices])
+        return tf
+
+    def _sequential(self, cases, refs, helds, sup, base_results):
+        first = self.modes[0]
+        results = {m: self._new_results(cases, sup, m) for m in self.modes}
         step = self.cfg.curve_step()
         curves: list[dict[str, Any]] = []
-        for i, (c, r) in enumerate(zip(cases, results)):
+        self.mode = first
+        for i, c in enumerate(cases):
+            r = results[first][i]
             self._edit(c, r)
+            for m in self.modes[1:]:
+                results[m][i].edit_id, results[m][i].edit_error = r.edit_id, r.edit_error
+                results[m][i].edit_ms, results[m][i].fit_ms = r.edit_ms, r.fit_ms
             r.success_after_edit = self._score([(c.prompt, c.target)])[0].all_correct
+            for m in self.modes[1:]:
+                results[m][i].success_after_edit = r.success_after_edit
             self.progress("editing", i + 1, len(cases))
             if (i + 1) % step == 0 or i + 1 == len(cases):
-                curves.append(self._curve_point(cases[: i + 1], results[: i + 1], refs, held))
-        self.progress("final measurement", 0, 1)
-        tf = self.measure_tf(cases, refs)
-        greedy = self.measure_greedy(cases)
-        self.fill(results, cases, tf, greedy, refs)
-        held_acc, held_scores = self.held_accuracy(held)
-        self.progress("final measurement", 1, 1)
-        final_ok = [bool(s and s.all_correct) for s in tf["rel_s"]]
-        fu = M.fu_ratio([bool(r.success_after_edit) for r in results], final_ok).as_dict()
-        routing = self._routing(results, extra_out=[s.edit_id for s in held_scores])
+                live = [j for j, s_ in enumerate(supersede_plan(cases[: i + 1])) if s_ is None]
+                curves.append(self._curve_point([cases[j] for j in live], [results[first][j] for j in live],
+                                                refs[first], helds[first][0]))
+        indices = list(range(len(cases)))
+        held_acc: dict[str, float | None] = {}
+        final_tf = None
+        for m in self.modes:
+            self.progress(f"final measurement ({m})", 0, 1)
+            tf = self._measure_all(cases, indices, results[m], refs, base_results, m)
+            if m == first:
+                final_tf = tf
+                held_first, held_scores = self.held_accuracy(helds[m][0])
+                held_acc[m] = held_first
+            else:
+                held_acc[m], _ = self.held_accuracy(helds[m][0])
+            self.progress(f"final measurement ({m})", 1, 1)
+        free_mode = "chat" if "chat" in self.modes else first
+        self.fill_free(results[free_mode], cases, self.measure_free(cases, indices))
+        self.mode = first
+        active = [i for i in indices if sup[i] is None]
+        final_ok = [bool(final_tf["rel_s"][i] and final_tf["rel_s"][i].all_correct) for i in active]
+        fu = M.fu_ratio([bool(results[first][i].success_after_edit) for i in active], final_ok).as_dict()
+        routing = self._routing([results[first][i] for i in active], extra_out=[s.edit_id for s in held_scores])
         return results, curves, fu, routing, held_acc
 
     def _curve_point(self, cases, results, refs, held) -> dict[str, Any]:
@@ -363,20 +568,28 @@ class Runner:
             "fu_ratio": fu.ratio,
         }
 
-    def _independent(self, cases, refs):
-        results = [CaseResult(c.case_id, c.prompt, c.target) for c in cases]
-        for i, (c, r) in enumerate(zip(cases, results)):
+    def _independent(self, cases, refs, base_results):
+        first = self.modes[0]
+        sup = [None] * len(cases)
+        results = {m: self._new_results(cases, sup, m) for m in self.modes}
+        free_mode = "chat" if "chat" in self.modes else first
+        for i, c in enumerate(cases):
+            r = results[first][i]
             self._edit(c, r)
             try:
-                tf = self.measure_tf([c], refs)
-                greedy = self.measure_greedy([c])
-                self.fill([r], [c], tf, greedy, refs)
-                r.success_after_edit = bool(tf["rel_s"][0] and tf["rel_s"][0].all_correct)
+                for m in self.modes:
+                    rm = results[m][i]
+                    rm.edit_id, rm.edit_error, rm.edit_ms, rm.fit_ms = r.edit_id, r.edit_error, r.edit_ms, r.fit_ms
+                    tf = self._measure_all([c], [i], [rm], refs, base_results, m)
+                    if m == first:
+                        r.success_after_edit = bool(tf["rel_s"][0] and tf["rel_s"][0].all_correct)
+                self.fill_free([results[free_mode][i]], [c], self.measure_free([c], [i]))
             finally:
+                self.mode = first
                 if r.edit_id is not None:
                     self.b.revert(r.edit_id)
             self.progress("editing", i + 1, len(cases))
-        return results, self._routing(results)
+        return results, self._routing(results[first])
 
     @staticmethod
     def _routing(results: Sequence[CaseResult], extra_out: Sequence[str | None] = ()) -> dict[str, Any]:
