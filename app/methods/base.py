@@ -35,6 +35,9 @@ class EditRequest:
     paraphrases: list[str] = field(default_factory=list)
     locality_prompts: list[str] = field(default_factory=list)
     modes: tuple[Mode, ...] | None = None  # None: completion, plus chat when the model has a template
+    # Prompts that ask *other* facts of the subject ("<subject> was born in"): their answers must
+    # not change when the edit is applied.
+    negatives: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -59,6 +59,17 @@ class PnPConfig(MethodConfig):
         description="How many unrelated prompts the KL term uses: the request's own, else drawn from the "
         "built-in pool.",
     )
+    negative_prompts: int = Field(
+        default=8,
+        ge=0,
+        le=32,
+        description="How many of the request's other-fact prompts (other relations of the same subject, "
+        "e.g. \"<subject> was born in\") the adapter is trained to leave alone: KL to the base model's "
+        "next-token distribution after each, with the base model's top token kept as the stop rule asks.",
+    )
+    negative_weight: float = Field(
+        default=1.0, ge=0.0, description="Weight of the KL term on the other-fact prompts (0 turns it off)."
+    )
     context_prefixes: int = Field(
         default=0,
         ge=0,

@@ -84,6 +84,7 @@ class _Group:
     target_row: torch.Tensor  # [n_target] training example index (for per-example mean)
     is_boundary: torch.Tensor  # [n_keep] bool: this kept position follows a whole target
     boundary_row: torch.Tensor  # [n_boundary] training example index of each boundary position
+    is_negative: torch.Tensor  # [n_keep] bool: last position of an other-fact prompt
 
 
 def adapted_layers(lm: LM, config: PnPConfig) -> list[int]:
@@ -172,11 +173,13 @@ def _build_group(
     locality: list[list[int]],
     first_example: int,
     boundary: bool = False,
+    negatives: list[list[int]] | None = None,
 ) -> _Group:
     """Right-padded batch; kept positions are the target-predicting ones, with ``boundary`` the
-    position after each whole target, and each locality prompt's last position, in row-major
-    order (the order ``logits[keep]`` returns them)."""
-    rows = [p + t for p, t in examples] + locality
+    position after each whole target, and each locality or other-fact prompt's last position, in
+    row-major order (the order ``logits[keep]`` returns them)."""
+    negatives = negatives or []
+    rows = [p + t for p, t in examples] + locality + negatives
     width = max(len(r) for r in rows)
     pad = lm.tokenizer.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -194,10 +197,12 @@ def _build_group(
         if boundary:
             keep[r, len(p) + len(t) - 1] = True
             boundary_at[(r, len(p) + len(t) - 1)] = first_example + r
-    for k, seq in enumerate(locality):
+    for k, seq in enumerate(locality + negatives):
         keep[len(examples) + k, len(seq) - 1] = True
-    is_target, targets, target_row, is_boundary, boundary_row = [], [], [], [], []
+    first_negative = len(examples) + len(locality)
+    is_target, targets, target_row, is_boundary, boundary_row, is_negative = [], [], [], [], [], []
     for r, c in keep.nonzero().tolist():
+        is_negative.append(r >= first_negative)
         hit = target_at.get((r, c))
         is_target.append(hit is not None)
         if hit is not None:
@@ -215,6 +220,7 @@ def _build_group(
     return _Group(
         ids.to(dev), attn.to(dev), keep.to(dev), tensor(is_target, torch.bool), tensor(targets, torch.long),
         tensor(target_row, torch.long), tensor(is_boundary, torch.bool), tensor(boundary_row, torch.long),
+        tensor(is_negative, torch.bool),
     )
 
 
@@ -382,10 +388,21 @@ def kept_logits(lm: LM, group: _Group) -> torch.Tensor:
     return logits[group.keep].float()
 
 
+def negative_texts(request: EditRequest, config: PnPConfig) -> list[str]:
+    """The request's other-fact prompts the adapter must leave alone (none without their weight)."""
+    if config.negative_weight <= 0 or config.negative_prompts == 0:
+        return []
+    own = {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
+    return [p for p in dict.fromkeys(n.strip() for n in request.negatives) if p and p not in own][
+        : config.negative_prompts
+    ]
+
+
 def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[_Group], int, int]:
-    """One forward batch per text form (similar lengths pad little); the locality prompts ride
-    with the completion batch. Returns (groups, training examples, locality prompts)."""
+    """One forward batch per text form (similar lengths pad little); the locality and other-fact
+    prompts ride with the completion batch. Returns (groups, training examples, locality prompts)."""
     loc = [lm.prompt_ids(p, "completion") for p in locality_texts(request, config)]
+    neg = [lm.prompt_ids(p, "completion") for p in negative_texts(request, config)]
     n_loc = len(loc)
     groups, n_examples = [], 0
     # "Paris" must not come out as "Parisian": after a target that ends in a letter or digit,
@@ -399,14 +416,15 @@ def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[
         examples = [(p, t) for p, t in examples if t]
         if not examples:
             continue
-        carried = loc if mode == "completion" else []
-        groups.append(_build_group(lm, examples, carried, n_examples, boundary))
-        loc = [] if carried else loc
+        carried = (loc, neg) if mode == "completion" else ([], [])
+        groups.append(_build_group(lm, examples, carried[0], n_examples, boundary, carried[1]))
+        if mode == "completion":
+            loc, neg = [], []
         n_examples += len(examples)
     if not groups:
         raise ValueError("the target encodes to no tokens")
-    if loc:  # no completion batch carried them
-        groups.append(_build_group(lm, [], loc, n_examples))
+    if loc or neg:  # no completion batch carried them
+        groups.append(_build_group(lm, [], loc, n_examples, negatives=neg))
     return groups, n_examples, n_loc
 
 
@@ -428,17 +446,17 @@ class PnP(Method[PnPConfig]):
         start = adapted_layers(lm, config)[0]
         forwards = [TailForward(lm, g, start) for g in groups]
         base_logp: list[torch.Tensor | None] = [None] * len(groups)
-        steps, converged, ce_value, kl_value = 0, False, math.nan, 0.0
+        steps, converged, ce_value, kl_value, neg_value = 0, False, math.nan, 0.0, 0.0
         with torch.enable_grad(), lm.active([delta]):
             while True:
-                ce, kl, ok = self._objective(lm, groups, forwards, base_logp, counts, config.min_prob)
-                ce_value, kl_value = float(ce.detach()), float(kl.detach())
+                ce, kl, neg, ok = self._objective(lm, groups, forwards, base_logp, counts, config.min_prob)
+                ce_value, kl_value, neg_value = float(ce.detach()), float(kl.detach()), float(neg.detach())
                 if ok:
                     converged = True
                     break
                 if steps >= config.max_steps:
                     break
-                loss = ce + config.kl_weight * kl
+                loss = ce + config.kl_weight * kl + config.negative_weight * neg
                 opt.zero_grad(set_to_none=True)
                 loss.backward(inputs=params)
                 opt.step()
@@ -452,8 +470,9 @@ class PnP(Method[PnPConfig]):
         final = Delta("lora", {k: v.detach() for k, v in delta.tensors.items()}, meta)
         train_ms = (time.perf_counter() - t0) * 1000.0
         info = {
-            "converged": converged, "loss": ce_value, "locality_kl": kl_value,
-            "examples": n_examples, "locality_prompts": n_loc, "modules": final.modules(),
+            "converged": converged, "loss": ce_value, "locality_kl": kl_value, "negative_kl": neg_value,
+            "examples": n_examples, "locality_prompts": n_loc, "negative_prompts": len(negative_texts(request, config)),
+            "modules": final.modules(),
         }
         return FitResult(final, steps, train_ms, info)
 
@@ -465,12 +484,13 @@ class PnP(Method[PnPConfig]):
         base_logp: list[torch.Tensor | None],
         counts: torch.Tensor,
         min_prob: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(mean per-example target NLL, mean locality KL, is every target token the argmax with
-        at least ``min_prob``). The first call, with B still zero, records the base model's
-        locality distributions that the KL term compares against."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(mean per-example target NLL, mean locality KL, mean other-fact KL, is every target token
+        the argmax with at least ``min_prob`` and every other-fact prompt's top token the base
+        model's). The first call, with B still zero, records the base model's distributions at the
+        locality and other-fact positions that the KL terms compare against."""
         nll = torch.zeros(len(counts), device=lm.device)
-        kl_terms, ok = [], True
+        kl_terms, neg_terms, ok = [], [], True
         for g, group in enumerate(groups):
             logp = torch.log_softmax(forwards[g](), dim=-1)
             if group.targets.numel():
@@ -487,14 +507,24 @@ class PnP(Method[PnPConfig]):
                 ok = ok and bool(mask[b_all.argmax(-1)].all())
                 ok = ok and bool(b_logp.detach().exp().min() >= min_prob)
                 nll = nll.index_add(0, group.boundary_row, -b_logp)
-            loc_logp = logp[~(group.is_target | group.is_boundary)]
-            if loc_logp.numel():
+            rest = ~(group.is_target | group.is_boundary)
+            ref_logp = logp[rest]
+            if ref_logp.numel():
                 if base_logp[g] is None:
-                    base_logp[g] = loc_logp.detach()
-                kl_terms.append(F.kl_div(loc_logp, base_logp[g], log_target=True, reduction="batchmean"))
+                    base_logp[g] = ref_logp.detach()
+                negative = group.is_negative[rest]
+                kl_each = F.kl_div(ref_logp, base_logp[g], log_target=True, reduction="none").sum(-1)
+                if bool((~negative).any()):
+                    kl_terms.append(kl_each[~negative].mean())
+                if bool(negative.any()):
+                    neg_terms.append(kl_each[negative].mean())
+                    kept = ref_logp[negative].argmax(-1).eq(base_logp[g][negative].argmax(-1))
+                    ok = ok and bool(kept.all())
         ce = (nll / counts).mean()
-        kl = torch.stack(kl_terms).mean() if kl_terms else torch.zeros((), device=lm.device)
-        return ce, kl, ok
+        zero = torch.zeros((), device=lm.device)
+        kl = torch.stack(kl_terms).mean() if kl_terms else zero
+        neg = torch.stack(neg_terms).mean() if neg_terms else zero
+        return ce, kl, neg, ok
 
 
 def _token_counts(groups: list[_Group], n_examples: int, device: torch.device) -> torch.Tensor:
