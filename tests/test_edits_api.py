@@ -42,6 +42,7 @@ def test_edit_changes_answer_and_revert_restores_it(service, tiny_llama):
     assert r.status_code == 201, r.text
     edit = r.json()
     assert edit["status"] == "active" and edit["method"] == "pnp" and edit["metrics"]["success"] == 1.0
+    assert edit["scope"] == "fact"  # the default
     assert edit["metrics"]["steps"] >= 1 and edit["metrics"]["train_ms"] > 0
 
     after = answer(client, EDIT["prompt"])
@@ -84,7 +85,47 @@ def test_idempotency_key_returns_the_same_edit(service):
     assert a.status_code == 201 and b.status_code == 200 and a.json()["id"] == b.json()["id"]
     c = create(client, {**EDIT, "target": "infrared"}, **{"Idempotency-Key": "k-1"})
     assert c.status_code == 409 and c.json()["error"]["code"] == "idempotency_key_reused"
+    d = create(client, {**EDIT, "scope": "subject"}, **{"Idempotency-Key": "k-1"})
+    assert d.status_code == 409 and d.json()["error"]["code"] == "idempotency_key_reused"
+    e = create(client, {**EDIT, "scope": "fact"}, **{"Idempotency-Key": "k-1"})  # the default, spelt out
+    assert e.status_code == 200 and e.json()["id"] == a.json()["id"]
     assert count_rows(rt) == {"active": 1}
+
+
+def test_request_hash_of_the_default_scope_is_the_hash_from_before_scopes():
+    import hashlib
+    import json
+
+    from app.services.edits import EditInput
+
+    fields = dict(prompt="p", target="t", subject=None, paraphrases=[], locality_prompts=[], method="pnp", config={})
+    before = hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    assert EditInput(**fields).request_hash() == before  # a replay of a stored request still matches
+    assert EditInput(**fields, scope="subject").request_hash() != before
+
+
+def test_scope_round_trips_and_survives_a_rebuild(service):
+    import numpy as np
+
+    client, rt = service()
+    r = create(client, {**EDIT, "scope": "subject", "paraphrases": ["Zorblax Quint likes the colour"]})
+    assert r.status_code == 201, r.text
+    edit = r.json()
+    assert edit["scope"] == "subject"
+    assert client.get(f"/edits/{edit['id']}", headers=auth(READER)).json()["scope"] == "subject"
+    listed = client.get("/edits", headers=auth(READER)).json()["items"]
+    assert [(e["id"], e["scope"]) for e in listed] == [(edit["id"], "subject")]
+
+    def records():
+        mirror = rt.selector._records[edit["id"]]
+        return mirror, rt.sync.to_record(rt.memory.get(edit["id"]))
+
+    for record in records():
+        assert record.scope == "subject" and record.relation_vectors is not None
+    relation = records()[0].relation_vectors
+    assert client.post("/admin/selector/rebuild", headers=auth(ADMIN)).json() == {"edits": 1}
+    for record in records():
+        assert record.scope == "subject" and np.array_equal(record.relation_vectors, relation)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +138,9 @@ def test_idempotency_key_returns_the_same_edit(service):
         ({**EDIT, "paraphrases": ["p"] * 21}, 422, "invalid_request"),
         ({**EDIT, "paraphrases": "not a list"}, 422, "invalid_request"),
         ({**EDIT, "extra": 1}, 422, "invalid_request"),
+        ({**EDIT, "scope": "everything"}, 422, "invalid_request"),
+        ({**EDIT, "scope": None}, 422, "invalid_request"),
+        ({**EDIT, "scope": "Subject"}, 422, "invalid_request"),
         ({**EDIT, "method": "nope"}, 422, "unknown_method"),
         ({**EDIT, "method": "calinet"}, 422, "unknown_method"),
         ({**EDIT, "config": {"no_such_knob": 1}}, 422, "invalid_config"),

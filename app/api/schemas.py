@@ -15,6 +15,7 @@ MAX_PARAPHRASES = 20
 MAX_LOCALITY = 20
 MAX_CONFIG_KEYS = 50
 Mode = Literal["chat", "completion"]
+Scope = Literal["fact", "subject"]  # app.selector.router.SCOPES
 
 
 class Strict(BaseModel):
@@ -98,6 +99,11 @@ class EditIn(Strict):
     locality_prompts: list[str] = Field(default_factory=list, max_length=MAX_LOCALITY)
     method: str = Field(default="pnp", max_length=64)
     config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
+    scope: Scope = Field(
+        default="fact",
+        description="fact: serve only queries asking the edited relation of the subject; "
+        "subject: serve every query about the subject (e.g. a renamed entity).",
+    )
 
     @field_validator("prompt", "target")
     @classmethod
@@ -131,6 +137,7 @@ class EditOut(BaseModel):
     prompt: str
     target: str
     subject: str | None
+    scope: Scope
     paraphrases: list[str]
     created_at: datetime
     updated_at: datetime
@@ -141,7 +148,7 @@ class EditOut(BaseModel):
     def of(cls, e) -> "EditOut":
         return cls(
             id=e.id, status=e.status, method=e.method, prompt=e.prompt, target=e.target, subject=e.subject,
-            paraphrases=list(e.paraphrases or []), created_at=e.created_at, updated_at=e.updated_at,
+            scope=e.scope or "fact", paraphrases=list(e.paraphrases or []), created_at=e.created_at, updated_at=e.updated_at,
             supersedes_id=e.supersedes_id, metrics=EditMetrics(**(e.metrics or {})),
         )
 

@@ -41,9 +41,12 @@ class EditInput:
     locality_prompts: list[str] = field(default_factory=list)
     method: str = "pnp"
     config: dict[str, Any] = field(default_factory=dict)
+    scope: str = "fact"
 
     def request_hash(self) -> str:
-        raw = json.dumps(self.__dict__, sort_keys=True, ensure_ascii=False)
+        # The default scope is left out, so a request stored before scopes existed hashes the same.
+        fields = {k: v for k, v in self.__dict__.items() if not (k == "scope" and v == "fact")}
+        raw = json.dumps(fields, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -119,10 +122,12 @@ class EditService:
             except Exception as exc:  # noqa: BLE001 - the caller gets a clear error, nothing is stored
                 log.exception("fitting edit failed")
                 raise Internal(f"training the edit failed: {type(exc).__name__}", code="training_failed") from exc
-            record = self.selector.keys_for(req.prompt, req.paraphrases, req.subject)
+            record = self.selector.keys_for(
+                req.prompt, req.paraphrases, req.subject, target=req.target, scope=req.scope,
+            )
             superseded = self._superseded_by(req)
             edit = Edit(
-                method=req.method, prompt=req.prompt, target=req.target, subject=req.subject,
+                method=req.method, prompt=req.prompt, target=req.target, subject=req.subject, scope=req.scope,
                 paraphrases=req.paraphrases, locality_prompts=req.locality_prompts, config=config.model_dump(),
                 status="active", supersedes_id=superseded.id if superseded else None,
                 idempotency_key=idempotency_key, request_hash=req.request_hash(), created_by=actor,
@@ -209,8 +214,6 @@ class EditService:
             self.selector.add(self.sync.to_record(stored))
 
     def _commit_new(self, edit: Edit, delta: Delta, record, superseded: Edit | None, actor: str | None) -> None:
-        from app.services.memory_sync import vectors_to_bytes
-
         stored = self.sync.to_stored(record, self.selector.encoder.name)
         memory_written = False
         old_stored = self.sync.memory.get(superseded.id) if superseded else None
@@ -219,7 +222,7 @@ class EditService:
                 repo, audit = EditRepo(s), AuditRepo(s)
                 repo.add(
                     edit, delta_kind=delta.kind, delta_bytes=delta.to_bytes(), encoder=stored.encoder,
-                    key_texts=list(record.texts), key_vectors=vectors_to_bytes(record.vectors),
+                    key_texts=list(stored.texts), key_vectors=stored.vectors,
                 )
                 audit.record(actor=actor, action="edit.create", entity_type="edit", entity_id=edit.id,
                              method=edit.method, target=edit.target)
