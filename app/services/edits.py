@@ -25,6 +25,7 @@ from app.lm.engine import LM
 from app.methods import base as methods
 from app.services.answers import AnswerService
 from app.services.deltas import DeltaCache
+from app.selector.memory import StoredKeys
 from app.services.memory_sync import MemorySync, stored_from_edit
 from app.store import AuditRepo, Database, EditRepo
 from app.store.models import Edit
@@ -54,6 +55,60 @@ class EditInput:
 class CreateResult:
     edit: Edit
     replayed: bool = False
+
+
+class VisibilityChange:
+    """Makes edits visible to routing or takes them away, in the order the stores must change.
+
+    Inside the caller's database transaction, ``show`` and ``hide`` write the shared memory
+    (Redis), remembering how to take each write back; if the transaction then fails, ``undo``
+    restores the memory. Once it committed, ``apply`` updates this process's mirror and delta
+    cache. So a failed change leaves no key behind, and the mirror never runs ahead of the rows.
+    """
+
+    def __init__(self, sync: MemorySync, selector, deltas: DeltaCache):
+        self.sync, self.selector, self.deltas = sync, selector, deltas
+        self._undo: list[tuple[str, StoredKeys | None]] = []  # (edit id, its memory record before)
+        self._local: list[tuple[str, StoredKeys | None, Any, Delta | None]] = []
+
+    def show(self, stored: StoredKeys, *, record=None, delta: Delta | None = None) -> None:
+        """Put an edit's keys in the memory; ``record`` / ``delta``, when given, go to the mirror
+        and delta cache as they are (else the mirror gets the record converted from ``stored``)."""
+        before = self.sync.memory.get(stored.edit_id)
+        self._undo.append((stored.edit_id, before))
+        self.sync.note_local_version(self.sync.memory.put(stored))
+        self._local.append((stored.edit_id, stored, record, delta))
+
+    def hide(self, edit_id: str) -> None:
+        """Take an edit's keys out of the memory (and, on ``apply``, its mirror keys and delta)."""
+        before = self.sync.memory.get(edit_id)
+        self._undo.append((edit_id, before))
+        self.sync.note_local_version(self.sync.memory.delete(edit_id))
+        self._local.append((edit_id, None, None, None))
+
+    def undo(self) -> None:
+        """Give the memory back what the failed transaction's writes replaced (last first)."""
+        try:
+            for edit_id, before in reversed(self._undo):
+                if before is None:
+                    self.sync.memory.delete(edit_id)
+                else:
+                    self.sync.memory.put(before)
+        except Exception:  # noqa: BLE001 - the periodic check rebuilds from the database
+            log.warning("could not undo the selector memory change; it will be rebuilt from the database")
+        self._undo, self._local = [], []
+
+    def apply(self) -> None:
+        """After the commit: this process's mirror and delta cache follow the memory."""
+        for edit_id, stored, record, delta in self._local:
+            if stored is None:
+                self.selector.remove(edit_id)
+                self.deltas.drop(edit_id)
+                continue
+            if delta is not None:
+                self.deltas.put(edit_id, delta)
+            self.selector.add(record if record is not None else self.sync.to_record(stored))
+        self._undo, self._local = [], []
 
 
 class EditService:
@@ -215,8 +270,7 @@ class EditService:
 
     def _commit_new(self, edit: Edit, delta: Delta, record, superseded: Edit | None, actor: str | None) -> None:
         stored = self.sync.to_stored(record, self.selector.encoder.name)
-        memory_written = False
-        old_stored = self.sync.memory.get(superseded.id) if superseded else None
+        change = self._change()
         try:
             with self.db.transaction() as s:
                 repo, audit = EditRepo(s), AuditRepo(s)
@@ -239,48 +293,26 @@ class EditService:
                     repo.set_status(old, "superseded")
                     audit.record(actor=actor, action="edit.supersede", entity_type="edit", entity_id=old.id,
                                  superseded_by=edit.id)
-                memory_written = True
-                self.sync.note_local_version(self.sync.memory.put(stored))
+                change.show(stored, record=record, delta=delta)
                 if superseded is not None:
-                    self.sync.note_local_version(self.sync.memory.delete(superseded.id))
+                    change.hide(superseded.id)
         except IntegrityError as exc:
-            self._undo_memory(memory_written, edit.id, old_stored)
+            change.undo()
             if edit.idempotency_key:
                 raise Conflict("a request with this Idempotency-Key is in progress or done", code="idempotency_conflict") from exc
             raise
         except Exception as exc:
-            self._undo_memory(memory_written, edit.id, old_stored)
+            change.undo()
             if _is_redis_error(exc):
                 raise Unavailable("the selector memory (Redis) is unavailable; the edit was not stored",
                                   code="memory_unavailable") from exc
             if _is_db_error(exc):
                 raise Unavailable("the database is unavailable; the edit was not stored", code="database_unavailable") from exc
             raise
-        self.deltas.put(edit.id, delta)
-        self.selector.add(record)
-        if superseded is not None:
-            self.selector.remove(superseded.id)
-            self.deltas.drop(superseded.id)
+        change.apply()
 
-    def _undo_revert_memory(self, changed: list[tuple[str, object]]) -> None:
-        try:
-            for what, item in reversed(changed):
-                if what == "deleted" and item is not None:
-                    self.sync.memory.put(item)
-                elif what == "added":
-                    self.sync.memory.delete(item)
-        except Exception:  # noqa: BLE001 - the periodic check rebuilds from the database
-            log.warning("could not undo the selector memory change; it will be rebuilt from the database")
-
-    def _undo_memory(self, written: bool, new_id: str, old_stored) -> None:
-        if not written:
-            return
-        try:
-            self.sync.memory.delete(new_id)
-            if old_stored is not None:
-                self.sync.memory.put(old_stored)
-        except Exception:  # noqa: BLE001 - the periodic check rebuilds from the database
-            log.warning("could not undo the selector memory change; it will be rebuilt from the database")
+    def _change(self) -> VisibilityChange:
+        return VisibilityChange(self.sync, self.selector, self.deltas)
 
     # -- revert --------------------------------------------------------------------------------
     def revert(self, edit_id: str, *, actor: str | None) -> Edit:
@@ -291,9 +323,7 @@ class EditService:
                 raise NotFound(f"no edit {edit_id}", code="edit_not_found")
             if edit.status == "reverted":
                 return edit
-            reinstated: Edit | None = None
-            removed_stored = self.sync.memory.get(edit_id) if edit.status == "active" else None
-            changed: list[tuple[str, object]] = []  # memory changes to undo if the transaction fails
+            change = self._change()
             try:
                 with self.db.transaction() as s:
                     repo, audit = EditRepo(s), AuditRepo(s)
@@ -306,6 +336,7 @@ class EditService:
                     repo.set_status(row, "reverted")
                     audit.record(actor=actor, action="edit.revert", entity_type="edit", entity_id=row.id,
                                  previous_status="active" if was_active else "superseded")
+                    reinstated: Edit | None = None
                     if was_active and row.supersedes_id:
                         older = repo.get(row.supersedes_id, with_delta=True)
                         if older is not None and older.status == "superseded":
@@ -314,13 +345,11 @@ class EditService:
                                          entity_id=older.id, after_revert_of=row.id)
                             reinstated = older
                     if was_active:
-                        self.sync.note_local_version(self.sync.memory.delete(row.id))
-                        changed.append(("deleted", removed_stored))
+                        change.hide(row.id)
                     if reinstated is not None:
-                        self.sync.note_local_version(self.sync.memory.put(stored_from_edit(reinstated)))
-                        changed.append(("added", reinstated.id))
+                        change.show(stored_from_edit(reinstated))
             except Exception as exc:
-                self._undo_revert_memory(changed)
+                change.undo()
                 if _is_redis_error(exc):
                     raise Unavailable("the selector memory (Redis) is unavailable; nothing was reverted",
                                       code="memory_unavailable") from exc
@@ -328,10 +357,9 @@ class EditService:
                     raise Unavailable("the database is unavailable; nothing was reverted",
                                       code="database_unavailable") from exc
                 raise
-            self.selector.remove(edit_id)
+            change.apply()
+            self.selector.remove(edit_id)  # also when it was superseded: never left in this mirror
             self.deltas.drop(edit_id)
-            if reinstated is not None:
-                self._restore_mirror(reinstated.id)
             return self.get(edit_id)
 
 
