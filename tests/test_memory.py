@@ -170,3 +170,29 @@ def test_rebuild_from_postgres_keeps_scope_and_relation_keys(pg_url, schema, red
     replica.memory.close()
     memory.close()
     db.dispose()
+
+
+def test_rebuild_reembeds_keys_of_another_encoder_with_scope_and_relation_keys(pg_url, schema, redis_url,
+                                                                                redis_prefix):
+    from app.selector.router import Selector
+    from app.services.memory_sync import MemorySync, key_tensors_from_bytes
+    from app.store import Database, EditRepo
+    from app.store.models import Edit
+
+    db = Database(pg_url, schema)
+    db.upgrade()
+    with db.transaction() as s:
+        e = Edit(method="pnp", prompt="The pet of Subj is", target="a cat", subject="Subj", scope="subject",
+                 status="active", paraphrases=[], locality_prompts=[], config={}, metrics={})
+        EditRepo(s).add(e, delta_kind="lora", delta_bytes=b"d", encoder="retired-encoder", key_texts=["x"],
+                        key_vectors=vectors_to_bytes(np.ones((1, 8), np.float32)))
+    memory = RedisKeyMemory(redis_url, redis_prefix)
+    selector = Selector(FourDims())
+    assert MemorySync(db, memory, selector).rebuild_from_database() == 1
+    (stored,) = memory.all()
+    keys, relation = key_tensors_from_bytes(stored.vectors)
+    assert stored.encoder == "enc" and stored.scope == "subject" and stored.texts == ["The pet of Subj is"]
+    assert keys.shape == (1, 4) and relation is not None and relation.shape[1] == 4
+    assert selector._records[e.id].scope == "subject"
+    memory.close()
+    db.dispose()
