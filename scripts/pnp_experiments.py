@@ -530,6 +530,132 @@ def cmd_e2e(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# scope: the relation check of the selector, on held-out CounterFact train records
+# ---------------------------------------------------------------------------------------------
+class CachedEncoder:
+    """MiniLM with a text -> vector cache, so a threshold sweep encodes each text once."""
+
+    name, dim = "minilm", 384
+
+    def __init__(self):
+        from app.selector.encoders import MiniLMEncoder
+
+        self.inner, self.cache, self.calls = MiniLMEncoder(), {}, 0
+
+    def encode(self, texts):
+        self.calls += 1
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if todo:
+            self.cache.update(zip(todo, self.inner.encode(todo)))
+        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+
+def typed_same_subject_queries(records: list[dict], relations: list, seed: int = 0, per: int = 2,
+                               questions: bool = False) -> list[tuple[str, int, str]]:
+    """Out-of-scope queries naming an edit's subject with another relation *that fits the
+    subject's type* (train_scope.SUBJECT_TYPE; synonyms excluded): ``per`` per record of known
+    relation, ParaRel prompt templates (or, with ``questions``, question forms). (query, index, relation)."""
+    import random
+
+    import train_scope as ts
+
+    rng = random.Random(seed)
+    forms = ts.query_forms() if questions else ts.pararel_prompts()
+    out = []
+    for i, (r, rel) in enumerate(zip(records, relations)):
+        if rel is None:
+            continue
+        cands = [o for o in forms if o != ts.OFFICE and ts.SUBJECT_TYPE.get(o) == ts.types_of(rel)[0]
+                 and ts.group_of(o) != ts.group_of(rel)]
+        for other in rng.sample(cands, min(per, len(cands))):
+            pool = [f for f in forms[other] if not questions or f not in ts.pararel_prompts().get(other, [])]
+            if pool:
+                out.append((rng.choice(pool).replace("[X]", r["subject"]), i, other))
+    return out
+
+
+def cmd_scope(args) -> None:
+    import train_scope as ts
+
+    from app.selector.router import Selector
+    from app.selector.scope import HEAD_PATH, ScopeHead
+
+    torch.set_num_threads(args.threads)
+    head = ScopeHead.load(args.head or HEAD_PATH)
+    held_groups = set(filter(None, head.metadata.get("holdout", "").split(",")))
+    all_records = json.loads(CF_TRAIN.read_text())
+    all_rel = ts.cf_relations(all_records)
+    enc = CachedEncoder()
+    thresholds = [None] + args.thresholds
+    rows = {t: collections_default() for t in thresholds}
+    for start in range(args.start, args.start + args.memories * args.n, args.n):
+        recs, rels = all_records[start : start + args.n], all_rel[start : start + args.n]
+        sel = Selector(enc, scope_head=head)
+        keyed = []
+        for i, r in enumerate(recs):
+            rec = sel.keys_for(r["prompt"], (), r["subject"], target=r["target_new"] if args.target else None)
+            rec.edit_id = str(i)
+            keyed.append(rec)
+        sel.add_many(keyed)
+        same = typed_same_subject_queries(recs, rels, seed=start)
+        sameq = typed_same_subject_queries(recs, rels, seed=start + 1, per=1, questions=True)
+        sets = {
+            "prompt": [(r["prompt"], str(i)) for i, r in enumerate(recs)],
+            "rephrase": [(r["rephrase_prompt"], str(i)) for i, r in enumerate(recs)],
+            "loc": [(r["locality_prompt"], None) for r in recs],
+            "same": [(q, None) for q, _, _ in same],
+            "same-q": [(q, None) for q, _, _ in sameq],
+        }
+        if held_groups:
+            sets["same-held"] = [(q, None) for q, i, o in same
+                                 if ts.group_of(o) in held_groups or ts.group_of(rels[i]) in held_groups]
+            sets["rephrase-held"] = [(r["rephrase_prompt"], str(i)) for i, r in enumerate(recs)
+                                     if rels[i] is not None and ts.group_of(rels[i]) in held_groups]
+        # one batch for every text the sweep will encode (queries, and queries masked per named subject)
+        from app.selector.scope import query_relation_text
+
+        texts = [q for qs in sets.values() for q, _ in qs]
+        texts += [query_relation_text(q, recs[e]["subject"]) for q in texts for e in sel._snap.named_edits(q)]
+        enc.encode(texts)
+        for t in thresholds:
+            sel.scope_head = None if t is None else head
+            sel.scope_threshold = 0.0 if t is None else t
+            for name, qs in sets.items():
+                routes = sel.route_many([q for q, _ in qs])
+                ok = [(r.edit_id if r else None) == want for r, (_, want) in zip(routes, qs)]
+                rows[t][name].extend(ok)
+    names = list(rows[None])
+    print("| scope threshold | " + " | ".join(f"{n} (n={len(rows[None][n])})" for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for t in thresholds:
+        label = "off (today)" if t is None else f"{t:.2f}"
+        print(f"| {label} | " + " | ".join(f"{np.mean(rows[t][n]):.3f}" for n in names) + " |")
+    print("columns: prompt/rephrase = routed to its own edit; loc/same/same-q = routed to none")
+    if args.examples:
+        sel = Selector(enc, scope_head=head, scope_threshold=args.examples_threshold)
+        rec = sel.keys_for("The UK prime minister is", (), "UK prime minister", target="Keir Starmer")
+        rec.edit_id = "uk-pm"
+        sel.add(rec)
+        wide = sel.keys_for("The UK prime minister is", (), "UK prime minister", target="Keir Starmer", scope="subject")
+        for q in ["Who is the UK prime minister?", "The UK prime minister is", "Who is the current UK prime minister?",
+                  "The UK prime minister was born in", "Tell me about the UK prime minister's party",
+                  "The UK prime minister is a member of the"]:
+            r = sel.route(q)
+            print(f"  {q!r:50s} -> {r.edit_id if r else None} (relation score "
+                  f"{sel.relation_score(q, rec) if r is None or r.relation_score is None else r.relation_score:.3f})")
+        wide.edit_id = "uk-pm"
+        sel.add(wide)
+        r = sel.route("The UK prime minister was born in")
+        print(f"  scope=subject: 'The UK prime minister was born in' -> {r.edit_id if r else None}")
+
+
+def collections_default():
+    import collections
+
+    return collections.defaultdict(list)
+
+
+# ---------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -579,7 +705,21 @@ def main() -> None:
     e.add_argument("--verbose", action="store_true")
     e.add_argument("--threads", type=int, default=1)
     e.set_defaults(func=cmd_e2e)
+    sc = sub.add_parser("scope", help="relation check: held-out CounterFact train memories")
+    sc.add_argument("--start", type=int, default=8000)
+    sc.add_argument("--n", type=int, default=200)
+    sc.add_argument("--memories", type=int, default=5)
+    sc.add_argument("--head", default=None, help="scope head (default: the shipped one)")
+    sc.add_argument("--thresholds", type=float, nargs="+",
+                    default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    sc.add_argument("--no-target", dest="target", action="store_false",
+                    help="key the edits without their target (records stored before targets were used)")
+    sc.add_argument("--examples", action="store_true", help="also route the UK prime minister examples")
+    sc.add_argument("--examples-threshold", type=float, default=None)
+    sc.add_argument("--threads", type=int, default=2)
+    sc.set_defaults(func=cmd_scope)
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "scripts"))
     args.func(args)
 
 

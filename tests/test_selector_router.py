@@ -273,3 +273,101 @@ def test_add_many_routes_like_adding_one_by_one_and_validates_first():
     with pytest.raises(ValueError):
         many.add_many([KeyRecord("es", records[0].vectors, records[0].texts, "Spain"), bad])
     assert "es" not in many and len(many) == 3
+
+
+# -- relation scope --------------------------------------------------------------------------------
+class EveryPairHead:
+    """A stand-in scope head for the bag-of-words encoder: relation keys and masked query
+    compared by cosine (a fixed rule, so the tests need no trained weights)."""
+
+    use_target = False
+
+    def scores(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return (u @ v + 1.0) / 2.0
+
+
+def test_mask_subject_keeps_the_rest_of_the_text():
+    from app.selector.scope import edit_relation_texts, mask_subject
+
+    assert mask_subject("Who is the UK Prime-Minister?", "UK prime minister") == "Who is the X?"
+    assert mask_subject("The UK prime minister's party is", "UK prime minister") == "The X's party is"
+    assert mask_subject("Houston toads live in", "Houston toad") == "Xs live in"
+    assert mask_subject("Zoë Saldaña was born in", "Zoe Saldana") == "X was born in"
+    assert mask_subject("Nothing here", "Paris") == "Nothing here"
+    assert edit_relation_texts(["Toko Yasuda, the"], "Toko Yasuda", "piano") == ["X, the piano"]
+
+
+def test_keys_for_fills_relation_keys_only_with_a_subject_and_checks_scope():
+    sel = make()
+    rec = sel.keys_for("The capital city of France is", ["France's capital is"], "France", target="Paris")
+    assert rec.scope == "fact" and rec.relation_vectors is not None
+    assert rec.relation_vectors.shape == (2, sel.encoder.dim)
+    assert sel.keys_for("the best pizza topping is").relation_vectors is None
+    assert sel.keys_for("France is in", (), "France", scope="subject").scope == "subject"
+    with pytest.raises(ValueError):
+        sel.keys_for("France is in", (), "France", scope="everything")
+
+
+def test_relation_check_costs_one_extra_encode_only_when_a_named_edit_passes():
+    sel = make(threshold=0.1, scope_head=EveryPairHead(), scope_threshold=0.75)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(3000):  # a large memory: the check must not loop over it
+        rec = KeyRecord(f"e{i}", l2_normalise(rng.standard_normal((2, 64)).astype(np.float32)), ["a", "b"],
+                        f"entity {i}", relation_vectors=l2_normalise(rng.standard_normal((2, 64)).astype(np.float32)))
+        records.append(rec)
+    sel.add_many(records)
+    add(sel, "born", "Marie Curie was born in", "Marie Curie")
+    sel.encoder.calls = 0
+    assert sel.route("How do penguins keep warm in winter") is None
+    assert sel.encoder.calls == 1  # no named edit: no extra encode
+    route = sel.route("Marie Curie was born in the city of")
+    assert route is not None and route.edit_id == "born" and route.relation_score is not None
+    assert sel.encoder.calls == 3  # the query, then one batch of masked queries
+    assert sel.route("Marie Curie died in the city of") is None  # another relation of the subject
+
+
+def test_scope_subject_serves_every_relation_of_its_subject():
+    sel = make(threshold=0.1, scope_head=EveryPairHead(), scope_threshold=0.75)
+    rec = sel.keys_for("Marie Curie was born in", (), "Marie Curie", scope="subject")
+    rec.edit_id = "curie"
+    sel.add(rec)
+    assert sel.route("Marie Curie was born in the city of").edit_id == "curie"
+    route = sel.route("Marie Curie died in the city of")
+    assert route is not None and route.edit_id == "curie" and route.relation_score is None
+
+
+def test_a_record_without_relation_keys_gets_them_computed_once():
+    sel = make(threshold=0.1, scope_head=EveryPairHead(), scope_threshold=0.75)
+    rec = sel.keys_for("Marie Curie was born in", (), "Marie Curie")
+    sel.add(KeyRecord("old", rec.vectors, rec.texts, rec.subject))  # stored before relation keys existed
+    assert sel.route("Marie Curie was born in the city of").edit_id == "old"
+    assert sel.route("Marie Curie died in the city of") is None
+    calls = sel.encoder.calls
+    sel.route("Marie Curie was born in the city of")
+    assert sel.encoder.calls == calls + 2  # the cached relation keys are not encoded again
+
+
+@pytest.mark.e2e
+def test_minilm_relation_check_keeps_paraphrases_and_rejects_other_relations():
+    from app.selector.router import build_selector
+
+    sel = build_selector(None, "minilm")
+    assert sel.scope_head is not None  # the shipped head loads offline
+    for edit_id, prompt, subject, target, scope in [
+        ("pm", "The UK prime minister is", "UK prime minister", "Keir Starmer", "fact"),
+        ("toko", "Toko Yasuda, the", "Toko Yasuda", "piano", "fact"),
+        ("wide", "Danielle Darrieux's mother tongue is", "Danielle Darrieux", "English", "subject"),
+    ]:
+        rec = sel.keys_for(prompt, [], subject, target=target, scope=scope)
+        rec.edit_id = edit_id
+        sel.add(rec)
+    assert sel.route("Who is the UK prime minister?").edit_id == "pm"
+    assert sel.route("The UK prime minister was born in") is None
+    assert sel.route("Toko Yasuda is incredible at").edit_id == "toko"
+    assert sel.route("Toko Yasuda was born in") is None
+    assert sel.route("Danielle Darrieux was born in").edit_id == "wide"
+    old = sel.keys_for("The UK prime minister is", [], "UK prime minister", target="Keir Starmer")
+    sel.add(KeyRecord("pm", old.vectors, old.texts, old.subject))  # no relation keys: computed lazily
+    assert sel.route("Who is the UK prime minister?").edit_id == "pm"
+    assert sel.route("The UK prime minister was born in") is None

@@ -15,6 +15,18 @@ from "BBC Radio, by" (unrelated, same relation, half the subject):
 
 With ``unnamed_threshold == threshold`` the rule is similarity alone for every edit.
 
+Relation scope: an edit with a subject and ``scope == "fact"`` (the default) serves a query that
+names its subject only when the query also asks for the edited relation. The subject is masked
+("X") in the edit's texts (its ``relation_vectors``, embedded by ``keys_for`` with the target
+appended: "The X is Keir Starmer") and in the query ("Who is the X?"), and a small trained
+classifier (``app/selector/scope.py``, ``app/data/scope_head.safetensors``) scores the pair;
+below ``scope_threshold`` the edit is skipped. It costs one extra encode of the masked query,
+made only when a named fact-scoped edit passes the similarity rule (one batch for every
+distinct subject named). An edit with ``scope == "subject"`` serves every query naming its
+subject (the rule above). A record without ``relation_vectors`` (stored before they existed)
+gets them computed once from its texts and subject, without the target, in the same batch.
+With an encoder the head was not trained for (its name or width differ) the check is off.
+
 The keys live in one float32 matrix (the in-process "mirror" of the shared memory), replaced
 copy-on-write under a lock, so a lookup reads a consistent snapshot without locking. A
 lookup is one matrix-vector product over the candidate keys: the edits named by subject
@@ -34,6 +46,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from app.selector.encoders import Encoder, build_encoder, l2_normalise
+from app.selector.scope import ScopeHead, default_head, edit_relation_texts, query_relation_text
 
 if TYPE_CHECKING:
     from app.lm.engine import LM
@@ -48,6 +61,9 @@ DEFAULT_SUBJECTLESS_THRESHOLD = 0.70
 DEFAULT_UNNAMED_THRESHOLD = 1.01
 DEFAULT_EXACT_LIMIT = 8192
 DEFAULT_PREFILTER = 64
+# Relation check: P(same relation) the best relation key of a named, fact-scoped edit needs
+# (docs/scope-notes.md: held-out CounterFact train routing, 200 edits per memory).
+DEFAULT_SCOPE_THRESHOLD = 0.5
 
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 
@@ -125,6 +141,7 @@ class Route:
     similarity: float
     key_text: str | None = None
     subject_match: bool = False
+    relation_score: float | None = None  # the relation check's score, when it was made
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,7 @@ class _Snapshot:
     subjectless_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # their keys
     subjectless_centroids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     is_subjectless: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # [E]
+    records: tuple[KeyRecord, ...] = ()  # [E] (subject, scope and relation keys per edit)
 
     @classmethod
     def build(cls, records: Sequence[KeyRecord], dim: int) -> "_Snapshot":
@@ -165,7 +183,7 @@ class _Snapshot:
             matrix, key_edit, tuple(t for r in records for t in r.texts), tuple(r.edit_id for r in records),
             edit_start, edit_len, centroids, {k: tuple(v) for k, v in subjects.items()}, max_words,
             subjectless, np.flatnonzero(is_subjectless[key_edit]).astype(np.int64),
-            np.ascontiguousarray(centroids[subjectless]), is_subjectless,
+            np.ascontiguousarray(centroids[subjectless]), is_subjectless, tuple(records),
         )
 
     def rows_of(self, edits: np.ndarray) -> np.ndarray:
@@ -201,6 +219,8 @@ class Selector:
         unnamed_threshold: float | None = None,
         exact_limit: int = DEFAULT_EXACT_LIMIT,
         prefilter: int = DEFAULT_PREFILTER,
+        scope_head: ScopeHead | None | str = "default",
+        scope_threshold: float | None = None,
     ):
         self.encoder = encoder
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
@@ -210,13 +230,28 @@ class Selector:
         self.unnamed_threshold = DEFAULT_UNNAMED_THRESHOLD if unnamed_threshold is None else float(unnamed_threshold)
         self.exact_limit = exact_limit
         self.prefilter = prefilter
+        # "default": the shipped head when it fits the encoder (else None: no relation check)
+        self.scope_head = default_head(encoder.name, encoder.dim) if scope_head == "default" else scope_head
+        self.scope_threshold = DEFAULT_SCOPE_THRESHOLD if scope_threshold is None else float(scope_threshold)
+        self._lazy_relation: dict[int, tuple[KeyRecord, np.ndarray]] = {}  # id(record) -> (record, keys)
         self._lock = threading.Lock()
         self._records: dict[str, KeyRecord] = {}
         self._snap = _Snapshot.build([], encoder.dim)
 
     # -- keys ----------------------------------------------------------------------------------
-    def keys_for(self, prompt: str, paraphrases: Iterable[str] = (), subject: str | None = None) -> KeyRecord:
-        """Embed an edit's prompt and paraphrases (duplicates dropped) into a record without an id."""
+    def keys_for(
+        self,
+        prompt: str,
+        paraphrases: Iterable[str] = (),
+        subject: str | None = None,
+        *,
+        target: str | None = None,
+        scope: str = "fact",
+    ) -> KeyRecord:
+        """Embed an edit's prompt and paraphrases (duplicates dropped) into a record without an id.
+
+        With a subject, the record also gets its relation keys: the texts with the subject
+        masked and ``target`` appended ("X, the piano"), embedded in the same encoder call."""
         texts: list[str] = []
         for text in [prompt, *paraphrases]:
             text = text.strip()
@@ -224,7 +259,14 @@ class Selector:
                 texts.append(text)
         if not texts:
             raise ValueError("an edit needs a non-empty prompt to key on")
-        return KeyRecord("", self.encoder.encode(texts), texts, subject)
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        if subject is None or not normalise_words(subject):
+            return KeyRecord("", self.encoder.encode(texts), texts, subject, scope)
+        use_target = self.scope_head is None or self.scope_head.use_target
+        relation = edit_relation_texts(texts, subject, target if use_target else None)
+        vectors = self.encoder.encode(texts + relation)
+        return KeyRecord("", vectors[: len(texts)], texts, subject, scope, vectors[len(texts) :])
 
     # -- memory --------------------------------------------------------------------------------
     def add(self, record: KeyRecord) -> None:
@@ -276,6 +318,8 @@ class Selector:
 
     def _publish(self, records: dict[str, KeyRecord]) -> None:
         self._records = records
+        live = {id(r) for r in records.values()}
+        self._lazy_relation = {k: v for k, v in self._lazy_relation.items() if k in live}
         self._snap = _Snapshot.build(list(records.values()), self.encoder.dim)
 
     def _check_dim(self, record: KeyRecord) -> None:
@@ -312,9 +356,64 @@ class Selector:
         passes = sims >= self._thresholds(snap, edits, named_edits)
         if not passes.any():
             return None
+        scores: dict[int, float] = {}
+        if self.scope_head is not None and named:
+            scores = self._relation_scores(snap, query, {int(e) for e in edits[passes] if int(e) in named})
+            for edit, score in scores.items():
+                if score < self.scope_threshold:
+                    passes &= edits != edit
+            if not passes.any():
+                return None
         best = int(np.argmax(np.where(passes, sims, -np.inf)))
         edit = int(edits[best])
-        return Route(snap.edit_ids[edit], float(sims[best]), snap.key_texts[int(rows[best])], edit in named)
+        return Route(snap.edit_ids[edit], float(sims[best]), snap.key_texts[int(rows[best])], edit in named,
+                     scores.get(edit))
+
+    def relation_score(self, query: str, record: KeyRecord) -> float | None:
+        """The relation check's score of ``query`` against one record (None: no check applies)."""
+        if self.scope_head is None or not record.subject or record.scope != "fact":
+            return None
+        snap = _Snapshot.build([record], self.encoder.dim)
+        return self._relation_scores(snap, query, {0}).get(0)
+
+    def _relation_scores(self, snap: _Snapshot, query: str, candidates: set[int]) -> dict[int, float]:
+        """P(same relation) per named, fact-scoped candidate edit: one encoder call for the query
+        masked with each distinct subject (and the relation keys of records stored without)."""
+        head = self.scope_head
+        assert head is not None
+        todo = [e for e in sorted(candidates) if snap.records[e].scope == "fact" and snap.records[e].subject]
+        if not todo:
+            return {}
+        masked: dict[str, int] = {}  # masked query -> row in the batch
+        texts: list[str] = []
+        missing: dict[int, tuple[int, int]] = {}  # edit -> rows of its lazily computed relation keys
+        edit_query: dict[int, int] = {}
+        lazy: dict[int, np.ndarray] = {}
+        for e in todo:
+            rec = snap.records[e]
+            q = query_relation_text(query, rec.subject)
+            if q not in masked:
+                masked[q] = len(texts)
+                texts.append(q)
+            edit_query[e] = masked[q]
+            cached = self._lazy_relation.get(id(rec))
+            if rec.relation_vectors is None and cached is not None:
+                lazy[e] = cached[1]
+            elif rec.relation_vectors is None:
+                rel = edit_relation_texts(rec.texts, rec.subject)
+                missing[e] = (len(texts), len(texts) + len(rel))
+                texts.extend(rel)
+        vectors = self.encoder.encode(texts)
+        out: dict[int, float] = {}
+        for e in todo:
+            rec = snap.records[e]
+            keys = rec.relation_vectors if rec.relation_vectors is not None else lazy.get(e)
+            if keys is None:
+                lo, hi = missing[e]
+                keys = vectors[lo:hi]
+                self._lazy_relation[id(rec)] = (rec, keys)
+            out[e] = float(head.scores(keys, vectors[edit_query[e]]).max())
+        return out
 
     def _thresholds(self, snap: _Snapshot, edits: np.ndarray, named_edits: np.ndarray) -> np.ndarray:
         """Per candidate key, the similarity its edit needs under the rule."""
@@ -355,9 +454,11 @@ def build_selector(
     *,
     subjectless_threshold: float | None = None,
     unnamed_threshold: float | None = None,
+    scope_threshold: float | None = None,
 ) -> Selector:
     """The selector with the measured defaults (encoder, thresholds), any of them overridable."""
     return Selector(
         build_encoder(encoder_name, lm), threshold,
         subjectless_threshold=subjectless_threshold, unnamed_threshold=unnamed_threshold,
+        scope_threshold=scope_threshold,
     )

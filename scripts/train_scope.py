@@ -1,0 +1,432 @@
+"""Train the selector's relation-scope head (app/data/scope_head.safetensors).
+
+Pairs (edit relation text u, query relation text v), the subject masked as "X" on both sides
+and the edit's target appended on the edit side ("X was born in Paris"), labelled 1 when the
+query asks for the edit's relation (synonym relations such as manufacturer P176 / developer
+P178 count as one), else 0. Sources (never CounterFact val, never zsRE):
+
+* ParaRel templates (/work/shared/data/pararel/pararel_patterns_all.jsonl) ending in [Y], plus
+  question forms written here per relation ("Where was [X] born?"), targets from T-REx
+  ``obj_label``; positives: two forms of one relation, negatives: forms of two relations
+  (half of them relations of the same subject type: the hard case).
+* A small "office holder" relation written here ("The [X] is" + a person / "Who is the [X]?").
+* CounterFact train records 0-7999 (8000-9999 are held out for the routing measurement):
+  positives (prompt + target, rephrase_prompt) and (prompt + target, prompt); negatives: the
+  record's subject in ParaRel templates / questions of other relations of its subject type and
+  rephrases of records of other relations. A record's relation: its masked prompt matched to a
+  ParaRel template, else voted by T-REx objects over the records sharing its masked prompt.
+
+``--holdout`` leaves a few relation groups out of training and reports pair accuracy on them
+(the honest generalisation number); the shipped head is trained on every relation:
+
+    .venv/bin/python scripts/train_scope.py --out app/data/scope_head.safetensors
+    .venv/bin/python scripts/train_scope.py --holdout --out /tmp/scope_holdout.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT.parent / "shared" / "data"
+PARAREL = DATA / "pararel" / "pararel_patterns_all.jsonl"
+TREX = DATA / "pararel" / "trex_facts.jsonl"
+CF_TRAIN = DATA / "counterfact" / "counterfact_train.json"
+CF_FIT = (0, 8000)  # CounterFact train records used to fit; 8000-9999 are held out
+
+# Relations that share templates (or mean the same thing to a user) count as one relation.
+SYNONYMS = [
+    {"P176", "P178"},  # manufacturer / developer
+    {"P131", "P17", "P276", "P30"},  # located in (admin. unit / country / location / continent)
+    {"P364", "P407"},  # original language / language of work
+    {"P495", "P740"},  # country of origin / formation location
+    {"P1303", "P136"},  # "[X] plays": instrument / genre
+    {"P103", "P1412"},  # native language / languages spoken
+]
+OFFICE = "OFFICE"  # an office and its holder, written here ("The [X] is" -> a person)
+
+# Subject type per relation: same-subject negatives and the routing measurement use relations
+# that fit the subject ("Arun Nehru was born in", not "Arun Nehru is the capital of").
+SUBJECT_TYPE = {
+    **dict.fromkeys(["P101", "P103", "P106", "P108", "P1303", "P136", "P140", "P1412", "P19", "P20",
+                     "P264", "P27", "P39", "P413", "P463", "P937"], "person"),
+    **dict.fromkeys(["P131", "P17", "P276", "P30", "P36", "P37", "P47", "P190", "P1376", "P530", "P138",
+                     "P361"], "place"),
+    **dict.fromkeys(["P159", "P740", "P127", "P495"], "org"),
+    **dict.fromkeys(["P176", "P178", "P449", "P364", "P407"], "work"),
+    **dict.fromkeys(["P279", "P1001"], "concept"),
+    OFFICE: "office",
+}
+# Relations whose subjects may also be of another type (a band has a genre and a label).
+EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P138": ["org", "work"],
+               "P495": ["work"], "P17": ["org", "work"], "P131": ["org"], "P159": [], "P463": ["org", "place"],
+               OFFICE: ["person"]}  # questions about an office are often about its holder
+
+QUESTIONS = {
+    "P101": ["What field does [X] work in?", "What is [X]'s field of work?", "What area does [X] specialize in?"],
+    "P103": ["What is the native language of [X]?", "What is [X]'s mother tongue?"],
+    "P106": ["What is [X]'s profession?", "What does [X] do for a living?", "What is the occupation of [X]?"],
+    "P108": ["Who does [X] work for?", "Who is [X]'s employer?"],
+    "P127": ["Who owns [X]?", "Who is the owner of [X]?"],
+    "P1303": ["What instrument does [X] play?", "Which instrument is [X] known for playing?"],
+    "P131": ["Where is [X] located?", "In which region is [X]?"],
+    "P17": ["In which country is [X]?", "Which country is [X] in?"],
+    "P30": ["Which continent is [X] on?", "On what continent is [X]?"],
+    "P136": ["What genre of music does [X] play?", "What is [X]'s musical genre?"],
+    "P1376": ["What is [X] the capital of?", "Which country has [X] as its capital?"],
+    "P138": ["Who is [X] named after?", "What is [X] named for?"],
+    "P140": ["What religion does [X] follow?", "What is the religion of [X]?"],
+    "P1412": ["What language does [X] speak?", "Which languages does [X] communicate in?"],
+    "P159": ["Where is [X] headquartered?", "Where are the headquarters of [X]?"],
+    "P176": ["Who makes [X]?", "Which company produces [X]?", "Who manufactures [X]?"],
+    "P178": ["Who developed [X]?", "Which company created [X]?"],
+    "P19": ["Where was [X] born?", "What is [X]'s birthplace?", "What is the place of birth of [X]?"],
+    "P190": ["What is the twin city of [X]?", "Which city is twinned with [X]?"],
+    "P20": ["Where did [X] die?", "What is the place of death of [X]?"],
+    "P264": ["What record label is [X] signed to?", "Which label represents [X]?"],
+    "P27": ["What is [X]'s citizenship?", "Which country is [X] a citizen of?", "What is the nationality of [X]?"],
+    "P279": ["What is [X] a subclass of?", "What kind of thing is [X]?"],
+    "P36": ["What is the capital of [X]?", "Which city is the capital of [X]?"],
+    "P361": ["What is [X] part of?", "What larger whole is [X] a part of?"],
+    "P364": ["What is the original language of [X]?", "What language was [X] made in?"],
+    "P407": ["What language is [X] written in?"],
+    "P37": ["What is the official language of [X]?", "What language is spoken in [X]?"],
+    "P39": ["What position does [X] hold?", "What office does [X] hold?"],
+    "P413": ["What position does [X] play?", "Which position does [X] play in?"],
+    "P449": ["Which network aired [X]?", "Where was [X] originally broadcast?"],
+    "P463": ["What organization is [X] a member of?", "Which group does [X] belong to?"],
+    "P47": ["Which countries border [X]?", "What does [X] share a border with?"],
+    "P495": ["What is the country of origin of [X]?", "Where does [X] come from?"],
+    "P740": ["Where was [X] founded?", "Where was [X] formed?"],
+    "P530": ["Which countries does [X] have diplomatic relations with?"],
+    "P937": ["Where did [X] work?", "Where does [X] work?"],
+    "P1001": ["Where is [X] a legal term?"],
+}
+TELL_ME = {  # "Tell me [X]'s ..." forms: a noun per relation
+    "P19": "birthplace", "P20": "place of death", "P27": "citizenship", "P106": "profession",
+    "P101": "field of work", "P108": "employer", "P103": "native language", "P140": "religion",
+    "P36": "capital", "P37": "official language", "P159": "headquarters", "P176": "manufacturer",
+    "P178": "developer", "P264": "record label", "P1303": "instrument", "P136": "genre",
+    "P413": "position", "P449": "original network", "P127": "owner", "P39": "office",
+}
+OFFICE_PROMPTS = ["The [X] is", "The current [X] is", "[X] is currently", "The person serving as [X] is",
+                  "The office of [X] is held by", "Right now the [X] is"]
+OFFICE_QUESTIONS = ["Who is the [X]?", "Who is the current [X]?", "Who currently holds the office of [X]?",
+                    "Who serves as [X] today?", "Name the [X].", "Who is [X] now?"]
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def relation_group() -> dict[str, str]:
+    """relation -> group name (synonyms share one)."""
+    out = {}
+    for group in SYNONYMS:
+        name = "+".join(sorted(group))
+        for r in group:
+            out[r] = name
+    return out
+
+
+def group_of(rel: str) -> str:
+    return relation_group().get(rel, rel)
+
+
+def pararel_prompts() -> dict[str, list[str]]:
+    """relation -> prompt templates ("[X] was born in") of ParaRel patterns that end in [Y]."""
+    out: dict[str, list[str]] = {}
+    for line in PARAREL.read_text().splitlines():
+        rec = json.loads(line)
+        pat = rec["pattern"].strip()
+        if re.search(r"\[Y\]\s*\.?$", pat) and "[X]" in pat and "[Y]" not in pat[:-4]:
+            t = re.sub(r"\s*\[Y\]\s*\.?$", "", pat)
+            out.setdefault(rec["relation"], [])
+            if t not in out[rec["relation"]]:
+                out[rec["relation"]].append(t)
+    out[OFFICE] = list(OFFICE_PROMPTS)
+    return out
+
+
+def query_forms() -> dict[str, list[str]]:
+    """relation -> query templates: its prompts, questions and "Tell me" forms."""
+    out = {r: list(ts) for r, ts in pararel_prompts().items()}
+    for r, qs in QUESTIONS.items():
+        out.setdefault(r, []).extend(qs)
+    for r, noun in TELL_ME.items():
+        out.setdefault(r, []).extend([f"Tell me [X]'s {noun}.", f"Tell me about [X]'s {noun}."])
+    out[OFFICE].extend(OFFICE_QUESTIONS)
+    return out
+
+
+def types_of(rel: str) -> list[str]:
+    return [SUBJECT_TYPE.get(rel, "other"), *EXTRA_TYPES.get(rel, [])]
+
+
+def trex_facts() -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for line in TREX.read_text().splitlines():
+        r = json.loads(line)
+        out.setdefault(r["relation"], []).append((r["sub_label"], r["obj_label"]))
+    return out
+
+
+def fill(template: str) -> str:
+    return template.replace("[X]", "X").strip()
+
+
+def cf_relations(records: list[dict]) -> list[str | None]:
+    """Each CounterFact record's ParaRel relation (None when it cannot be told): its masked prompt
+    matched to a ParaRel template, else a vote of T-REx objects (target_new and ground_truth)
+    over all records sharing its masked prompt."""
+    from app.selector.scope import mask_subject
+
+    by_text = {}
+    for rel, ts in pararel_prompts().items():
+        for t in ts:
+            by_text.setdefault(fill(t).lower(), rel)
+    objects: dict[str, set[str]] = {}
+    for rel, facts in trex_facts().items():
+        objects.setdefault(rel, set()).update(o for _, o in facts)
+    masked = [mask_subject(r["prompt"], r["subject"]).strip() for r in records]
+    votes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for m, r in zip(masked, records):
+        for rel, objs in objects.items():
+            for o in (r["target_new"], r.get("ground_truth", "")):
+                if o in objs:
+                    votes[m.lower()][rel] += 1
+    out = []
+    for m in masked:
+        rel = by_text.get(m.lower())
+        if rel is None and votes[m.lower()]:
+            (top, n), *rest = votes[m.lower()].most_common(2) + [(None, 0)]
+            if n >= 3 and n >= 2 * rest[0][1]:
+                rel = top
+        out.append(rel)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs
+# ---------------------------------------------------------------------------------------------
+def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_target: float = 0.2):
+    """(edit text, query text, label, source) tuples for training (relations in ``holdout``
+    left out) and, when ``holdout`` is given, for the held-out measurement."""
+    from app.selector.scope import mask_subject
+
+    rng = random.Random(seed)
+    prompts, queries, facts = pararel_prompts(), query_forms(), trex_facts()
+    persons = [s for s, _ in facts.get("P19", [])]
+    offices = [s for s, _ in facts.get("P1001", [])] + [s for s, _ in facts.get("P39", [])]
+    facts[OFFICE] = [(rng.choice(offices), p) for p in persons[:400]]
+    rels = sorted(prompts)
+    groups = {r: group_of(r) for r in rels}
+    by_type: dict[str, list[str]] = collections.defaultdict(list)
+    for r in rels:
+        for t in types_of(r):
+            by_type[t].append(r)
+
+    def edit_text(template: str, target: str | None) -> str:
+        base = fill(template)
+        return f"{base} {target}" if target and rng.random() >= p_no_target else base
+
+    def pick_other(rel: str, hard: bool, pool: list[str]) -> str | None:
+        typed = sorted({r for t in types_of(rel) for r in by_type.get(t, [])})
+        cands = [r for r in (typed if hard else pool) if groups[r] != groups[rel] and r in pool]
+        return rng.choice(cands) if cands else None
+
+    train, held = [], []
+    train_rels = [r for r in rels if groups[r] not in holdout]
+    held_rels = [r for r in rels if groups[r] in holdout]
+    for pool, out, n_pos in ((train_rels, train, 300), (held_rels, held, 100)):
+        same_group = collections.defaultdict(list)
+        for r in pool:
+            same_group[groups[r]].append(r)
+        for rel in pool:
+            if not facts.get(rel):
+                continue
+            for _ in range(n_pos):
+                _, obj = rng.choice(facts[rel])
+                e = edit_text(rng.choice(prompts[rel]), obj)
+                pos_rel = rng.choice(same_group[groups[rel]])
+                out.append((e, fill(rng.choice(queries[pos_rel])), 1, "pararel"))
+                for hard in (True, False):
+                    other = pick_other(rel, hard, pool)
+                    if other:
+                        out.append((e, fill(rng.choice(queries[other])), 0, "pararel"))
+        if out is held:  # held-out queries against trained relations' edits, and back
+            for rel in held_rels:
+                for _ in range(n_pos):
+                    other = pick_other(rel, True, train_rels) or rng.choice(train_rels)
+                    if not facts.get(other) or not facts.get(rel):
+                        continue
+                    e = edit_text(rng.choice(prompts[other]), rng.choice(facts[other])[1])
+                    held.append((e, fill(rng.choice(queries[rel])), 0, "pararel-cross"))
+                    e = edit_text(rng.choice(prompts[rel]), rng.choice(facts[rel])[1])
+                    held.append((e, fill(rng.choice(queries[other])), 0, "pararel-cross"))
+
+    records = json.loads(CF_TRAIN.read_text())
+    cf = records[cf_range[0] : cf_range[1]]
+    cf_rel = cf_relations(records)[cf_range[0] : cf_range[1]]
+    by_rel = collections.defaultdict(list)
+    for i, rel in enumerate(cf_rel):
+        if rel is not None:
+            by_rel[groups.get(rel, rel)].append(i)
+    for i, (r, rel) in enumerate(zip(cf, cf_rel)):
+        out = held if rel is not None and groups.get(rel, rel) in holdout else train
+        if out is held and not holdout:
+            continue
+        subj = r["subject"]
+        base = mask_subject(r["prompt"], subj).strip()
+        e = f"{base} {r['target_new']}" if rng.random() >= p_no_target else base
+        out.append((e, mask_subject(r["rephrase_prompt"], subj).strip(), 1, "cf"))
+        if rng.random() < 0.3:
+            out.append((e, base, 1, "cf"))
+        if rel is None:
+            continue
+        pool = train_rels if out is train else rels
+        for hard in (True, True, False):
+            other = pick_other(rel, hard, pool)
+            if other:
+                out.append((e, fill(rng.choice(queries[other])), 0, "cf"))
+        others = [g for g in by_rel if g != groups.get(rel, rel) and (out is held or g not in holdout)]
+        if others:
+            j = rng.choice(by_rel[rng.choice(others)])
+            out.append((e, mask_subject(cf[j]["rephrase_prompt"], cf[j]["subject"]).strip(), 0, "cf"))
+    return train, held
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding and training
+# ---------------------------------------------------------------------------------------------
+def embed(texts: list[str], cache_path: Path) -> dict[str, np.ndarray]:
+    """MiniLM vectors of the distinct texts, cached on disk between runs (npz, no pickle)."""
+    from app.selector.encoders import MiniLMEncoder
+
+    cache: dict[str, np.ndarray] = {}
+    if cache_path.is_file():
+        with np.load(cache_path, allow_pickle=False) as z:
+            cache = dict(zip(z["texts"].tolist(), z["vectors"]))
+    todo = sorted({t for t in texts if t not in cache})
+    if todo:
+        t0 = time.perf_counter()
+        vec = MiniLMEncoder(batch_size=128).encode(todo)
+        cache.update(zip(todo, vec))
+        print(f"embedded {len(todo)} texts in {time.perf_counter() - t0:.0f}s", flush=True)
+        keys = list(cache)
+        np.savez(cache_path, texts=np.array(keys), vectors=np.stack([cache[k] for k in keys]))
+    return cache
+
+
+def features(pairs, vecs) -> tuple[np.ndarray, np.ndarray]:
+    from app.selector.scope import pair_features
+
+    u = np.stack([vecs[e] for e, _, _, _ in pairs])
+    v = np.stack([vecs[q] for _, q, _, _ in pairs])
+    return pair_features(u, v), np.array([y for _, _, y, _ in pairs], dtype=np.float32)
+
+
+def train_head(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, seed: int, wd: float = 1e-4):
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    if hidden:
+        model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    else:
+        model = torch.nn.Linear(x.shape[1], 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=wd)
+    pos_weight = torch.tensor((len(y) - y.sum()) / max(y.sum(), 1.0))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), 256):
+            idx = perm[start : start + 256]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                model(xt[idx]).squeeze(-1), yt[idx], pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+def to_head(model, hidden: int, meta: dict):
+    from app.selector.scope import ScopeHead
+
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    if hidden:
+        t = {"w1": sd["0.weight"].T.copy(), "b1": sd["0.bias"], "w2": sd["2.weight"].reshape(-1), "b2": sd["2.bias"]}
+    else:
+        t = {"w2": sd["weight"].reshape(-1), "b2": sd["bias"]}
+    return ScopeHead(t, meta)
+
+
+def report(head, pairs, vecs, label: str) -> None:
+    x, y = features(pairs, vecs)
+    from app.selector.scope import ScopeHead  # noqa: F401
+
+    logits = (np.maximum(x @ head.w1 + head.b1, 0) @ head.w2 if head.w1 is not None else x @ head.w2) + head.b2
+    p = 1 / (1 + np.exp(-logits))
+    src = np.array([s for _, _, _, s in pairs])
+    for s in sorted(set(src)) + ["all"]:
+        m = np.ones(len(y), bool) if s == "all" else src == s
+        pos, neg = p[m & (y == 1)], p[m & (y == 0)]
+        auc = float("nan")
+        if len(pos) and len(neg):
+            order = np.argsort(np.concatenate([pos, neg]))
+            ranks = np.empty(len(order)); ranks[order] = np.arange(1, len(order) + 1)
+            auc = (ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+        cells = " ".join(
+            f"t={t}: pos {np.mean(pos >= t) if len(pos) else float('nan'):.3f} neg-rej {np.mean(neg < t) if len(neg) else float('nan'):.3f}"
+            for t in (0.3, 0.5, 0.7))
+        print(f"  {label:9s} {s:13s} n+={len(pos):5d} n-={len(neg):5d} AUC {auc:.3f} | {cells}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "app" / "data" / "scope_head.safetensors"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=128, help="MLP width (0: logistic regression)")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--holdout", action="store_true",
+                    help="leave relation groups out of training and report on them (not for shipping)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="default decision threshold stored in the head")
+    ap.add_argument("--cache", default="/tmp/scope_embed_cache.npz")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    holdout = {group_of(r) for r in ("P20", "P36", "P449", "P264", "P37", "P1303")} if args.holdout else set()
+    train, held = build_pairs(args.seed, holdout, CF_FIT)
+    print(f"pairs: train {len(train)} ({sum(p[2] for p in train)} positive), held-out {len(held)}")
+    vecs = embed([t for p in train + held for t in p[:2]], Path(args.cache))
+    x, y = features(train, vecs)
+    t0 = time.perf_counter()
+    model = train_head(x, y, args.hidden, args.epochs, args.seed)
+    print(f"trained in {time.perf_counter() - t0:.0f}s")
+    meta = {"encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
+            "hidden": str(args.hidden), "seed": str(args.seed), "epochs": str(args.epochs),
+            "cf_train_records": f"{CF_FIT[0]}-{CF_FIT[1] - 1}",
+            "holdout": ",".join(sorted(holdout)),
+            "data": hashlib.sha256(json.dumps(train).encode()).hexdigest()[:16]}
+    head = to_head(model, args.hidden, meta)
+    report(head, train, vecs, "train")
+    if held:
+        report(head, held, vecs, "held-out")
+    head.save(args.out)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()
