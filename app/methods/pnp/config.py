@@ -60,12 +60,14 @@ class PnPConfig(MethodConfig):
         "built-in pool.",
     )
     negative_prompts: int = Field(
-        default=8,
+        default=0,
         ge=0,
         le=32,
         description="How many of the request's other-fact prompts (other relations of the same subject, "
         "e.g. \"<subject> was born in\") the adapter is trained to leave alone: KL to the base model's "
-        "next-token distribution after each, with the base model's top token kept as the stop rule asks.",
+        "next-token distribution after each, with the base model's top token kept as the stop rule asks. "
+        "Off by default: beside the subject frames it fights the edit (docs/pnp-notes.md); the selector's "
+        "relation check keeps other facts instead.",
     )
     negative_weight: float = Field(
         default=1.0, ge=0.0, description="Weight of the KL term on the other-fact prompts (0 turns it off)."
