@@ -57,6 +57,23 @@ def test_the_adapter_writes_the_target_and_the_base_model_the_rest(lm, edit):
     assert len(answer.token_ids) <= n
 
 
+def test_the_target_ends_where_it_ends(lm, edit):
+    """The base model may not run the target on into a longer word ("Sega" -> "SegaMX"): the first
+    token after it starts a new word, whatever the base model would rather write."""
+    target_ids = lm.target_ids(PROMPT, TARGET, "completion")
+    mask = lm.word_boundary_mask()
+    allowed = mask.clone()
+    lm._word_boundary = torch.zeros_like(mask)  # a model in which only "." starts a new word
+    lm._word_boundary[lm.tokenizer.convert_tokens_to_ids(".")] = True
+    try:
+        answer = lm.generate_edited([PROMPT], TARGET, max_new_tokens=8, mode="completion", deltas=[edit])[0]
+    finally:
+        lm._word_boundary = allowed
+    assert answer.token_ids[: len(target_ids)] == target_ids
+    assert answer.token_ids[len(target_ids)] == lm.tokenizer.convert_tokens_to_ids(".")
+    assert bool(mask[lm.tokenizer.convert_tokens_to_ids(".")]) and not bool(mask[lm.tokenizer.convert_tokens_to_ids("a")])
+
+
 def test_a_batch_answers_each_prompt_as_alone(lm, edit):
     prompts = [PROMPT, "Tell me, " + PROMPT, PROMPT + " the city of"]
     batch = lm.generate_edited(prompts, TARGET, max_new_tokens=10, mode="completion", deltas=[edit])

@@ -172,12 +172,18 @@ class Runner:
         return self.b.score(pairs, self.mode) if pairs else []
 
     def _generate(self, queries: Sequence[str], budgets: Sequence[int], mode: Mode | None = None) -> list[AnswerOutcome]:
-        """Greedy answers, batched by similar budget (one max_new_tokens per request)."""
+        """Greedy answers, batched by budget (one max_new_tokens per request, so a query is always
+        answered with its own budget, whatever else is measured beside it)."""
         order = sorted(range(len(queries)), key=lambda i: budgets[i])
         out: list[AnswerOutcome | None] = [None] * len(queries)
         batch = getattr(self.b, "batch", 32)
-        for start in range(0, len(order), batch):
-            idx = order[start : start + batch]
+        chunks: list[list[int]] = []
+        for i in order:
+            if chunks and len(chunks[-1]) < batch and budgets[chunks[-1][0]] == budgets[i]:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        for idx in chunks:
             t0 = time.perf_counter()
             res = self.b.answer([queries[i] for i in idx], mode or self.mode, max(budgets[i] for i in idx))
             per_query = (time.perf_counter() - t0) * 1000.0 / len(idx)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from app.delta import Delta
 from app.lm.arch import Architecture
@@ -124,6 +124,24 @@ class LM:
     def target_ids(self, prompt: str, target: str, mode: Mode) -> list[int]:
         return self.tokenizer(self.target_text(prompt, target, mode), add_special_tokens=False).input_ids
 
+    def word_boundary_mask(self) -> torch.Tensor:
+        """[vocab] bool: tokens that cannot continue a word: those whose text starts with anything
+        but a letter, a digit or a piece of a multi-byte character (a space, punctuation, a
+        newline), special tokens (end of turn or of text) and tokens with no text. Once per model."""
+        with self._lock:
+            mask = getattr(self, "_word_boundary", None)
+            if mask is None:
+                size = self.model.get_output_embeddings().weight.shape[0]
+                tok = self.tokenizer
+                special = set(tok.all_special_ids)
+                flags = []
+                for i in range(size):
+                    text = tok.decode([i]) if i < len(tok) else ""
+                    # A piece of a multi-byte character decodes to U+FFFD: it continues a word.
+                    flags.append(i in special or not text or not (text[0].isalnum() or text[0] == "\ufffd"))
+                mask = self._word_boundary = torch.tensor(flags, dtype=torch.bool, device=self.device)
+            return mask
+
     # -- generation ----------------------------------------------------------------------------
     def generate(
         self,
@@ -187,12 +205,16 @@ class LM:
                     heads.append(row[:cut])
             todo = [i for i, h in enumerate(heads) if h is not None]
             if todo:
+                # A target that ends in a letter or digit ends there: the next token starts a new
+                # word ("Sega", not "SegaMX"), as the adapter was trained to write it.
+                first_step = _NewWord(self.word_boundary_mask()) if target[-1].isalnum() else None
                 rest = self._generate_ids(
                     [ids[i] + heads[i] for i in todo],
                     [max_new_tokens - len(heads[i]) for i in todo],
                     None,
                     bad_words=self._target_forms(target),
                     do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+                    first_step=first_step,
                 )
                 for i, tail in zip(todo, rest):
                     written[i] = heads[i] + tail
@@ -228,6 +250,7 @@ class LM:
         seed: int | None = None,
         bad_words: list[list[int]] | None = None,
         stopping=None,
+        first_step=None,
     ) -> list[list[int]]:
         """New token ids per prompt (left-padded batch, cut at the first end-of-text token); a list
         of ``max_new_tokens`` gives each row its own budget. Call with the lock held."""
@@ -245,6 +268,9 @@ class LM:
             kwargs["bad_words_ids"] = bad_words
         if stopping is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
+        if first_step is not None:
+            first_step.width = input_ids.shape[1]
+            kwargs["logits_processor"] = LogitsProcessorList([first_step])
         with self.active(deltas):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -353,3 +379,16 @@ class _TargetWritten(StoppingCriteria):
             done.append(any(t in self.eos for t in row) or self.want in self.lm.tokenizer.decode(row, skip_special_tokens=True).casefold())
         flags = torch.tensor(done, dtype=torch.bool, device=input_ids.device)
         return flags
+
+
+class _NewWord(LogitsProcessor):
+    """At the first generated step only, allows just the tokens that start a new word."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.width = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] != self.width:
+            return scores
+        return scores.masked_fill(~self.mask[: scores.shape[-1]], float("-inf"))

@@ -224,26 +224,9 @@ def _build_group(
     )
 
 
-_BOUNDARY: "weakref.WeakKeyDictionary[torch.nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
-
-
 def boundary_tokens(lm: LM) -> torch.Tensor:
-    """[vocab] bool: tokens that cannot continue a word: those whose text starts with anything
-    but a letter, a digit or a piece of a multi-byte character (a space, punctuation, a newline),
-    special tokens (end of turn or of text) and tokens with no text. Computed once per model."""
-    with _INSTALL_LOCK:
-        mask = _BOUNDARY.get(lm.model)
-        if mask is None:
-            size = lm.model.get_output_embeddings().weight.shape[0]
-            tok = lm.tokenizer
-            special = set(tok.all_special_ids)
-            flags = []
-            for i in range(size):
-                text = tok.decode([i]) if i < len(tok) else ""
-                # A piece of a multi-byte character decodes to U+FFFD: it continues a word.
-                flags.append(i in special or not text or not (text[0].isalnum() or text[0] == "\ufffd"))
-            mask = _BOUNDARY[lm.model] = torch.tensor(flags, dtype=torch.bool, device=lm.device)
-        return mask
+    """[vocab] bool: tokens that cannot continue a word (``LM.word_boundary_mask``)."""
+    return lm.word_boundary_mask()
 
 
 class _BlockInputs:
