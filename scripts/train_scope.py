@@ -72,8 +72,11 @@ SUBJECT_TYPE = {
 }
 # Relations whose subjects may also be of another type (a band has a genre and a label).
 EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P138": ["org", "work"],
-               "P495": ["work"], "P17": ["org", "work"], "P131": ["org"], "P159": [], "P463": ["org", "place"],
-               OFFICE: ["person"]}  # questions about an office are often about its holder
+               "P495": ["work"], "P17": ["org", "work"], "P131": ["org"], "P159": [], "P463": ["org", "place"]}
+# Variants measured and not shipped (docs/scope-notes.md), switched on by --variant v2 / v3:
+# "Tell me about [X]'s ..." forms, an office's hard negatives drawn from person relations too,
+# and (v3) the office relation's pairs three times over.
+VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1}
 
 QUESTIONS = {
     "P101": ["What field does [X] work in?", "What is [X]'s field of work?", "What area does [X] specialize in?"],
@@ -166,13 +169,16 @@ def query_forms() -> dict[str, list[str]]:
     for r, qs in QUESTIONS.items():
         out.setdefault(r, []).extend(qs)
     for r, noun in TELL_ME.items():
-        out.setdefault(r, []).extend([f"Tell me [X]'s {noun}.", f"Tell me about [X]'s {noun}."])
+        out.setdefault(r, []).append(f"Tell me [X]'s {noun}.")
+        if VARIANT["tell_about"]:
+            out[r].append(f"Tell me about [X]'s {noun}.")
     out[OFFICE].extend(OFFICE_QUESTIONS)
     return out
 
 
 def types_of(rel: str) -> list[str]:
-    return [SUBJECT_TYPE.get(rel, "other"), *EXTRA_TYPES.get(rel, [])]
+    extra = ["person"] if rel == OFFICE and VARIANT["office_person"] else []
+    return [SUBJECT_TYPE.get(rel, "other"), *EXTRA_TYPES.get(rel, []), *extra]
 
 
 def trex_facts() -> dict[str, list[tuple[str, str]]]:
@@ -243,7 +249,10 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         return f"{base} {target}" if target and rng.random() >= p_no_target else base
 
     def pick_other(rel: str, hard: bool, pool: list[str]) -> str | None:
-        typed = sorted({r for t in types_of(rel) for r in by_type.get(t, [])})
+        if VARIANT["office_person"]:
+            typed = sorted({r for t in types_of(rel) for r in by_type.get(t, [])})
+        else:
+            typed = by_type.get(types_of(rel)[0], [])
         cands = [r for r in (typed if hard else pool) if groups[r] != groups[rel] and r in pool]
         return rng.choice(cands) if cands else None
 
@@ -257,7 +266,7 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         for rel in pool:
             if not facts.get(rel):
                 continue
-            for _ in range(n_pos):
+            for _ in range(n_pos * (VARIANT["office_weight"] if rel == OFFICE else 1)):
                 _, obj = rng.choice(facts[rel])
                 e = edit_text(rng.choice(prompts[rel]), obj)
                 pos_rel = rng.choice(same_group[groups[rel]])
@@ -403,7 +412,11 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.5, help="default decision threshold stored in the head")
     ap.add_argument("--cache", default="/tmp/scope_embed_cache.npz")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", choices=["v1", "v2", "v3"], default="v1",
+                    help="v1: the shipped head; v2/v3: variants measured and not kept")
     args = ap.parse_args()
+    if args.variant in ("v2", "v3"):
+        VARIANT.update(tell_about=True, office_person=True, office_weight=3 if args.variant == "v3" else 1)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -415,7 +428,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = train_head(x, y, args.hidden, args.epochs, args.seed)
     print(f"trained in {time.perf_counter() - t0:.0f}s")
-    meta = {"encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
+    meta = {"variant": args.variant, "encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
             "hidden": str(args.hidden), "seed": str(args.seed), "epochs": str(args.epochs),
             "cf_train_records": f"{CF_FIT[0]}-{CF_FIT[1] - 1}",
             "holdout": ",".join(sorted(holdout)),
