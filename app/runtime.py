@@ -50,6 +50,7 @@ class Runtime:
             db.upgrade()
         keys = KeyService(db)
         admin_key_file = keys.bootstrap(settings)
+        keys.refresh_known()  # verdicts that outlast a database outage
         if lm is None:
             lm = LM.load(settings.model, settings.home, settings.device, settings.dtype)
         if selector is None:
@@ -58,8 +59,8 @@ class Runtime:
             encoder = DEFAULT_ENCODER if settings.selector_encoder == "auto" else settings.selector_encoder
             selector = build_selector(lm, encoder, settings.selector_threshold)
         memory = build_memory(settings.redis_url, settings.redis_prefix)
-        sync = MemorySync(db, memory, selector)
         deltas = DeltaCache(db, lm)
+        sync = MemorySync(db, memory, selector, deltas=deltas)
         answers = AnswerService(lm, selector, deltas)
         edits = EditService(db, lm, selector, sync, deltas, answers)
         jobs = JobRunner(db)

@@ -3,8 +3,9 @@
 Both keep, per active edit, its key vectors (safetensors bytes: ``keys`` and, when the edit has
 them, its relation keys ``relation``), key texts, subject, scope and encoder name, plus a version
 number bumped by every change. Redis also carries a pub/sub channel so that
-replicas learn of each change at once; a periodic version check catches anything missed, and a
-missing version (Redis flushed or restarted empty) tells the service to rebuild from the database.
+replicas learn of each change at once; a periodic check of the version and the set of edit ids
+(``state``, one round trip) catches anything missed, and a missing version (Redis flushed or
+restarted empty) tells the service to rebuild from the database.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ class KeyMemory(ABC):
     @abstractmethod
     def replace_all(self, records: list[StoredKeys]) -> int: ...
 
+    def state(self) -> tuple[int | None, set[str]]:
+        """The version and the edit ids held, read together."""
+        return self.version(), {r.edit_id for r in self.all()}
+
+    def snapshot(self) -> tuple[int | None, list[StoredKeys]]:
+        """The version and every record, read together (a version never newer than the records)."""
+        version = self.version()
+        return version, self.all()
+
     def ping(self) -> None:
         return None
 
@@ -114,6 +124,14 @@ class LocalKeyMemory(KeyMemory):
     def version(self) -> int | None:
         return self._version
 
+    def state(self) -> tuple[int | None, set[str]]:
+        with self._lock:
+            return self._version, set(self._records)
+
+    def snapshot(self) -> tuple[int | None, list[StoredKeys]]:
+        with self._lock:
+            return self._version, list(self._records.values())
+
     def replace_all(self, records: list[StoredKeys]) -> int:
         with self._lock:
             self._records = {r.edit_id: r for r in records}
@@ -125,10 +143,18 @@ class RedisKeyMemory(KeyMemory):
 
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str = "factpatch"):
+    def __init__(self, url: str, prefix: str = "factpatch", *, socket_timeout: float = 5.0):
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+        # No client retries: a write retried after a timeout may be applied twice (the stalled
+        # one too, once Redis resumes), and a request would wait minutes on a stalled Redis. A
+        # failed call fails fast; the periodic check and the pub/sub listener try again.
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),
+        )
         self.url = url
         self.prefix = prefix
         self._meta, self._vec = f"{prefix}:meta", f"{prefix}:vec"
@@ -174,16 +200,28 @@ class RedisKeyMemory(KeyMemory):
         return StoredKeys.from_parts(edit_id, meta, vec)
 
     def all(self) -> list[StoredKeys]:
+        return self.snapshot()[1]
+
+    def snapshot(self) -> tuple[int | None, list[StoredKeys]]:
         pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self._ver)
         pipe.hgetall(self._meta)
         pipe.hgetall(self._vec)
-        metas, vecs = pipe.execute()
+        raw, metas, vecs = pipe.execute()
         out = []
         for raw_id, meta in metas.items():
             vec = vecs.get(raw_id)
             if vec is not None:
                 out.append(StoredKeys.from_parts(raw_id.decode(), meta, vec))
-        return out
+        return (None if raw is None else int(raw)), out
+
+    def state(self) -> tuple[int | None, set[str]]:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.get(self._ver)
+        pipe.hkeys(self._meta)
+        pipe.hkeys(self._vec)
+        raw, metas, vecs = pipe.execute()
+        return (None if raw is None else int(raw)), {k.decode() for k in metas} & {k.decode() for k in vecs}
 
     def version(self) -> int | None:
         raw = self._redis.get(self._ver)

@@ -1,14 +1,21 @@
 """Create, supersede, revert and read edits.
 
-One edit: fit the method's delta (no database work yet), embed the selector keys, find an active
-edit it supersedes, measure it through the served path, then write the edit row, its delta, its
-keys and the audit events in one transaction; the shared memory is updated inside that
-transaction, so a Redis failure rolls the rows back and a database failure takes the memory
-change back. Nothing of a failed edit remains anywhere.
+One edit: check first what it will need to be stored (its Idempotency-Key claimed across
+replicas, the database and Redis reachable), so that a request that cannot be stored is refused
+before any training; then fit the method's delta (no database work yet), embed the selector keys,
+find an active edit it supersedes, measure it through the served path on a staging copy of the
+selector (the live one, which answers requests, never holds an edit before its commit), then
+write the edit row, its delta, its keys and the audit events in one transaction; the shared
+memory is updated inside that transaction (under the visibility lock), so a Redis failure rolls
+the rows back and a database failure takes the memory change back. When taking it back fails
+too (Redis stalled), the memory is reconciled with the database at the next periodic check.
+Nothing of a failed edit remains anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -28,6 +35,7 @@ from app.services.deltas import DeltaCache
 from app.selector.memory import StoredKeys
 from app.services.memory_sync import MemorySync, stored_from_edit
 from app.store import AuditRepo, Database, EditRepo
+from app.store.db import DatabaseUnavailable, is_unavailable
 from app.store.models import Edit
 
 log = logging.getLogger(__name__)
@@ -86,28 +94,36 @@ class VisibilityChange:
         self.sync.note_local_version(self.sync.memory.delete(edit_id))
         self._local.append((edit_id, None, None, None))
 
-    def undo(self) -> None:
-        """Give the memory back what the failed transaction's writes replaced (last first)."""
+    def undo(self, *, unknown: bool = False) -> None:
+        """Give the memory back what the failed transaction's writes replaced (last first).
+
+        ``unknown``: a memory write failed midway (a Redis timeout may still be applied later),
+        so the memory is also reconciled with the database at the next periodic check, as it is
+        whenever this undo fails."""
+        if unknown and self._undo:
+            self.sync.request_reconcile()
         try:
             for edit_id, before in reversed(self._undo):
                 if before is None:
                     self.sync.memory.delete(edit_id)
                 else:
                     self.sync.memory.put(before)
-        except Exception:  # noqa: BLE001 - the periodic check rebuilds from the database
-            log.warning("could not undo the selector memory change; it will be rebuilt from the database")
+        except Exception:  # noqa: BLE001 - the periodic check reconciles with the database
+            log.warning("could not undo the selector memory change; it will be reconciled with the database")
+            self.sync.request_reconcile()
         self._undo, self._local = [], []
 
     def apply(self) -> None:
         """After the commit: this process's mirror and delta cache follow the memory."""
-        for edit_id, stored, record, delta in self._local:
-            if stored is None:
-                self.selector.remove(edit_id)
-                self.deltas.drop(edit_id)
-                continue
-            if delta is not None:
-                self.deltas.put(edit_id, delta)
-            self.selector.add(record if record is not None else self.sync.to_record(stored))
+        with self.sync.lock:
+            for edit_id, stored, record, delta in self._local:
+                if stored is None:
+                    self.selector.remove(edit_id)
+                    self.deltas.drop(edit_id)
+                    continue
+                if delta is not None:
+                    self.deltas.put(edit_id, delta)
+                self.selector.add(record if record is not None else self.sync.to_record(stored))
         self._undo, self._local = [], []
 
 
@@ -163,11 +179,15 @@ class EditService:
             loc = ".".join(str(p) for p in first.get("loc", ()))
             raise Unprocessable(f"config.{loc}: {first.get('msg')}", code="invalid_config") from None
 
-        with self._lock:
+        claim = self.db.claim(f"idempotency:{idempotency_key}") if idempotency_key else contextlib.nullcontext(True)
+        with self._lock, claim as claimed:
+            if not claimed:
+                raise Conflict("a request with this Idempotency-Key is in progress", code="idempotency_conflict")
             if idempotency_key:
                 replay = self._replay(idempotency_key, req)
                 if replay is not None:
                     return CreateResult(replay, replayed=True)
+            self._require_stores()
             self._refuse_no_op(req)
             t0 = time.perf_counter()
             try:
@@ -194,6 +214,21 @@ class EditService:
             edit.metrics = metrics
             self._commit_new(edit, fit.delta, record, superseded, actor)
             return CreateResult(self.get(edit.id))
+
+    def _require_stores(self) -> None:
+        """Refuse (503) before training when the edit could not be stored: the database or the
+        selector memory is unreachable."""
+        from sqlalchemy import text
+
+        with self.db.session() as s:
+            s.execute(text("SELECT 1"))
+        try:
+            self.sync.memory.ping()
+        except Exception as exc:
+            if _is_redis_error(exc):
+                raise Unavailable("the selector memory (Redis) is unavailable; the edit was not trained",
+                                  code="memory_unavailable") from exc
+            raise
 
     def _edit_request(self, req: EditInput) -> methods.EditRequest:
         return methods.EditRequest(
@@ -230,49 +265,54 @@ class EditService:
 
     def _measure(self, req: EditInput, record, delta: Delta, superseded: Edit | None) -> dict[str, Any]:
         """Success on the prompt and paraphrases, locality on unrelated prompts, through the served
-        path: the new keys and delta are staged in this process only while measuring."""
-        self.deltas.put(record.edit_id, delta)
-        if superseded is not None:
-            self.selector.remove(superseded.id)
-        self.selector.add(record)
-        try:
-            forms = ["completion"] + (["chat"] if self.lm.has_chat_template else [])
-            success = _mean([
-                s.all_correct and s.edit_id == record.edit_id
-                for mode in forms
-                for s in self.answers.score([req.prompt], [req.target], mode=mode)
-            ])
-            para = None
-            if req.paraphrases:
-                scores = self.answers.score(req.paraphrases, [req.target] * len(req.paraphrases), mode="completion")
-                para = _mean([s.all_correct and s.edit_id == record.edit_id for s in scores])
-            locality = None
-            if req.locality_prompts:
-                routes = self.answers.route(req.locality_prompts)
-                hit = [p for p, r in zip(req.locality_prompts, routes) if r.edit_id == record.edit_id]
-                changed = 0
-                if hit:
-                    base = self.lm.generate(hit, max_new_tokens=8, mode="completion")
-                    new = self.lm.generate(hit, max_new_tokens=8, mode="completion", deltas=[delta])
-                    changed = sum(a.token_ids != b.token_ids for a, b in zip(base, new))
-                locality = 1.0 - changed / len(req.locality_prompts)
-            return {"success": success, "paraphrase_success": para, "locality": locality}
-        finally:
-            self.selector.remove(record.edit_id)
-            self.deltas.drop(record.edit_id)
-            if superseded is not None:
-                self._restore_mirror(superseded.id)
+        path on a staging copy of the selector (the new keys in, the superseded edit's out) with
+        the new delta beside the cache: the live selector and cache, which answer requests meanwhile,
+        never hold an edit that is not committed."""
+        answers = AnswerService(
+            self.lm, self._staging_selector(record, superseded.id if superseded else None),
+            _StagedDeltas(self.deltas, record.edit_id, delta.to(self.lm.device, self.lm.dtype)),
+        )
+        forms = ["completion"] + (["chat"] if self.lm.has_chat_template else [])
+        success = _mean([
+            s.all_correct and s.edit_id == record.edit_id
+            for mode in forms
+            for s in answers.score([req.prompt], [req.target], mode=mode)
+        ])
+        para = None
+        if req.paraphrases:
+            scores = answers.score(req.paraphrases, [req.target] * len(req.paraphrases), mode="completion")
+            para = _mean([s.all_correct and s.edit_id == record.edit_id for s in scores])
+        locality = None
+        if req.locality_prompts:
+            routes = answers.route(req.locality_prompts)
+            hit = [p for p, r in zip(req.locality_prompts, routes) if r.edit_id == record.edit_id]
+            changed = 0
+            if hit:
+                base = self.lm.generate(hit, max_new_tokens=8, mode="completion")
+                new = self.lm.generate(hit, max_new_tokens=8, mode="completion", deltas=[delta])
+                changed = sum(a.token_ids != b.token_ids for a, b in zip(base, new))
+            locality = 1.0 - changed / len(req.locality_prompts)
+        return {"success": success, "paraphrase_success": para, "locality": locality}
 
-    def _restore_mirror(self, edit_id: str) -> None:
-        stored = self.sync.memory.get(edit_id)
-        if stored is not None:
-            self.selector.add(self.sync.to_record(stored))
+    def _staging_selector(self, record, without: str | None):
+        """A throwaway copy of the live selector holding its keys plus ``record``, less ``without``
+        (it shares the encoder and the immutable key snapshots; changes to it stay in it)."""
+        live = self.selector
+        staged = copy.copy(live)
+        staged._lock = threading.Lock()
+        records = dict(getattr(live, "_records", {}))
+        if without:
+            records.pop(without, None)
+        records[record.edit_id] = record
+        staged.replace_all(list(records.values()))
+        return staged
 
     def _commit_new(self, edit: Edit, delta: Delta, record, superseded: Edit | None, actor: str | None) -> None:
         stored = self.sync.to_stored(record, self.selector.encoder.name)
         change = self._change()
         try:
             with self.db.transaction() as s:
+                self.db.lock_visibility(s)
                 repo, audit = EditRepo(s), AuditRepo(s)
                 repo.add(
                     edit, delta_kind=delta.kind, delta_bytes=delta.to_bytes(), encoder=stored.encoder,
@@ -302,12 +342,12 @@ class EditService:
                 raise Conflict("a request with this Idempotency-Key is in progress or done", code="idempotency_conflict") from exc
             raise
         except Exception as exc:
-            change.undo()
+            change.undo(unknown=_is_redis_error(exc) or _is_db_error(exc))
             if _is_redis_error(exc):
                 raise Unavailable("the selector memory (Redis) is unavailable; the edit was not stored",
                                   code="memory_unavailable") from exc
             if _is_db_error(exc):
-                raise Unavailable("the database is unavailable; the edit was not stored", code="database_unavailable") from exc
+                raise DatabaseUnavailable("the database is unavailable; the edit was not stored") from exc
             raise
         change.apply()
 
@@ -326,6 +366,7 @@ class EditService:
             change = self._change()
             try:
                 with self.db.transaction() as s:
+                    self.db.lock_visibility(s)
                     repo, audit = EditRepo(s), AuditRepo(s)
                     # The locked row, not the read above, says what to undo: another replica may
                     # have superseded or reverted it in between.
@@ -349,18 +390,30 @@ class EditService:
                     if reinstated is not None:
                         change.show(stored_from_edit(reinstated))
             except Exception as exc:
-                change.undo()
+                change.undo(unknown=_is_redis_error(exc) or _is_db_error(exc))
                 if _is_redis_error(exc):
                     raise Unavailable("the selector memory (Redis) is unavailable; nothing was reverted",
                                       code="memory_unavailable") from exc
                 if _is_db_error(exc):
-                    raise Unavailable("the database is unavailable; nothing was reverted",
-                                      code="database_unavailable") from exc
+                    raise DatabaseUnavailable("the database is unavailable; nothing was reverted") from exc
                 raise
             change.apply()
             self.selector.remove(edit_id)  # also when it was superseded: never left in this mirror
             self.deltas.drop(edit_id)
             return self.get(edit_id)
+
+
+class _StagedDeltas:
+    """The delta cache as the answer path reads it, plus one delta not stored yet."""
+
+    def __init__(self, cache: DeltaCache, edit_id: str, delta: Delta):
+        self.cache, self.edit_id, self.delta = cache, edit_id, delta
+
+    def get(self, edit_id: str) -> Delta | None:
+        return self.delta if edit_id == self.edit_id else self.cache.get(edit_id)
+
+    def get_cached(self, edit_id: str) -> Delta | None:
+        return self.delta if edit_id == self.edit_id else self.cache.get_cached(edit_id)
 
 
 def _mean(values) -> float:
@@ -384,6 +437,4 @@ def _is_redis_error(exc: BaseException) -> bool:
 
 
 def _is_db_error(exc: BaseException) -> bool:
-    from sqlalchemy.exc import OperationalError
-
-    return isinstance(exc, OperationalError)
+    return is_unavailable(exc)

@@ -1,4 +1,10 @@
-"""API keys: bootstrap at start, verify per request (with a short cache), create from the CLI."""
+"""API keys: bootstrap at start, verify per request (with a short cache), create from the CLI.
+
+A verdict is fresh for ``CACHE_SECONDS``; after that the database is asked again. While the
+database cannot be reached, the last verdict known for a key (from a request, or from the list
+of all keys loaded at start and refreshed at most every ``KNOWN_SECONDS`` on the way) stands, so
+answers keep being served to the keys that were valid when the outage began; a key never seen
+gets 503 ``database_unavailable``."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pathlib import Path
 from app.errors import Forbidden, Unauthorized
 from app.settings import Settings
 from app.store import ROLE_RANK, ApiKeyRepo, Database
+from app.store.db import DatabaseUnavailable
 from app.store.repos import hash_key
 
 log = logging.getLogger(__name__)
@@ -32,11 +39,21 @@ ANONYMOUS = Principal(key_id="anonymous", name="anonymous", role="reader")
 
 class KeyService:
     CACHE_SECONDS = 10.0
+    KNOWN_SECONDS = 30.0
 
     def __init__(self, db: Database):
         self.db = db
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._known: dict[str, Principal] = {}  # key hash -> principal of every unrevoked key
+        self._known_at: float | None = None
         self._lock = threading.Lock()
+
+    def refresh_known(self) -> None:
+        """Load the verdicts of every key (one query) for use while the database is away."""
+        with self.db.session() as s:
+            known = {k.key_hash: Principal(k.id, k.name, k.role) for k in ApiKeyRepo(s).list() if k.revoked_at is None}
+        with self._lock:
+            self._known, self._known_at = known, time.monotonic()
 
     def bootstrap(self, settings: Settings) -> Path | None:
         """Register configured keys; on a first start without any admin key, create one and write it
@@ -71,9 +88,20 @@ class KeyService:
             hit = self._cache.get(h)
             if hit and now - hit[0] < self.CACHE_SECONDS:
                 return hit[1]
-        with self.db.session() as s:
-            key = ApiKeyRepo(s).verify(raw)
-            principal = Principal(key.id, key.name, key.role) if key else None
+            known_due = self._known_at is None or now - self._known_at >= self.KNOWN_SECONDS
+        try:
+            with self.db.session() as s:
+                key = ApiKeyRepo(s).verify(raw)
+                principal = Principal(key.id, key.name, key.role) if key else None
+            if known_due:
+                self.refresh_known()
+        except DatabaseUnavailable:
+            with self._lock:
+                if hit is not None:
+                    return hit[1]  # the last verdict before the outage
+                if h in self._known:
+                    return self._known[h]
+            raise
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()

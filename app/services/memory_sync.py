@@ -1,11 +1,22 @@
 """Keep the in-process selector mirror equal to the shared key memory, and the memory equal to
-the database (the source of truth) when it was lost."""
+the database (the source of truth).
+
+Each replica checks every ``poll_seconds`` (one Redis round trip): the memory's version and set
+of edit ids against its mirror's; any difference, or a local change that failed midway
+(``mark_dirty``), reloads the mirror. Every ``reconcile_seconds``, and at once after a change whose
+outcome in Redis is unknown (``request_reconcile``: a write timed out or its undo failed), the
+active edits in the database are compared with the memory's ids; a difference that holds under
+the visibility lock (no edit or revert is between its memory write and its commit) rebuilds the
+memory from the database. A missing version (Redis flushed or restarted empty) rebuilds too.
+While Redis or the database is away the mirror keeps serving as it is.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
 import threading
+import time
 
 import numpy as np
 from safetensors.numpy import load as np_load
@@ -13,6 +24,7 @@ from safetensors.numpy import save as np_save
 
 from app.selector.memory import Event, KeyMemory, StoredKeys
 from app.store import Database, EditRepo
+from app.store.models import Edit
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +62,25 @@ def stored_from_edit(edit) -> StoredKeys:
 
 
 class MemorySync:
-    def __init__(self, db: Database, memory: KeyMemory, selector, poll_seconds: float = 2.0):
+    WARM_PER_CHECK = 64  # deltas loaded per check at most (a start with many edits warms gradually)
+
+    def __init__(self, db: Database, memory: KeyMemory, selector, poll_seconds: float = 1.0,
+                 reconcile_seconds: float = 10.0, deltas=None):
         self.db = db
         self.memory = memory
         self.selector = selector
         self.poll_seconds = poll_seconds
+        self.reconcile_seconds = reconcile_seconds
+        self.deltas = deltas  # a DeltaCache to warm with the mirror's edits (answers survive a DB outage)
         self._local_version: int | None = None
-        self._lock = threading.RLock()
+        self._dirty = False  # the mirror may differ from the memory: reload at the next check
+        self._suspect = False  # the memory may differ from the database: reconcile at the next check
+        self._inactive: set[str] = set()
+        self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rebuilds = 0
+        self.reloads = 0
 
     # -- conversions ---------------------------------------------------------------------------
     def to_record(self, stored: StoredKeys):
@@ -91,20 +112,25 @@ class MemorySync:
     def stop(self) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout=3)
+            self._thread.join(timeout=6)
 
     def rebuild_from_database(self) -> int:
-        """Write every active edit's keys from the database into the memory, then reload the mirror."""
-        with self.db.session() as s:
-            edits = [e for e in EditRepo(s).active_with_keys() if e.keys is not None]
+        """Write every active edit's keys from the database into the memory, then reload the mirror.
+        Runs under the visibility lock: no edit or revert is halfway through meanwhile."""
+        with self.db.transaction() as s:
+            self.db.lock_visibility(s)
+            return self._rebuild(s)
+
+    def _rebuild(self, session) -> int:
+        edits = [e for e in EditRepo(session).active_with_keys() if e.keys is not None]
         encoder = self.selector.encoder.name
         stale = sum(e.keys.encoder != encoder for e in edits)
         if stale:
             log.warning("%d edits were keyed with another encoder; re-embedding them with %s", stale, encoder)
         stored = [stored_from_edit(e) if e.keys.encoder == encoder else self._reembed(e) for e in edits]
-        with self._lock:
-            version = self.memory.replace_all(stored)
-            self._load_mirror(version)
+        with self.lock:
+            self.memory.replace_all(stored)
+            self._load_mirror()
         self.rebuilds += 1
         log.info("selector memory rebuilt from the database: %d edits", len(stored))
         return len(stored)
@@ -113,9 +139,10 @@ class MemorySync:
         """Fill the in-process mirror straight from the database (the shared memory is unreachable)."""
         with self.db.session() as s:
             records = [self.to_record(stored_from_edit(e)) for e in EditRepo(s).active_with_keys() if e.keys is not None]
-        with self._lock:
+        with self.lock:
             self.selector.replace_all(records)
             self._local_version = None
+            self._dirty = True  # load from the memory as soon as it answers
 
     def _reembed(self, edit) -> StoredKeys:
         """Keys (and relation keys) of an edit row embedded afresh, as a new edit's are."""
@@ -126,47 +153,128 @@ class MemorySync:
         return self.to_stored(record, self.selector.encoder.name)
 
     def ensure(self) -> None:
-        """Rebuild when the memory holds nothing (first start, or Redis lost its data); else load it."""
-        with self._lock:
-            version = self.memory.version()
-            if version is None:
-                self.rebuild_from_database()
-            elif version != self._local_version:
-                self._load_mirror(version)
+        """Rebuild when the memory holds nothing (first start, or Redis lost its data); reload the
+        mirror when its version or its edit ids differ from the memory's, or it was marked dirty."""
+        with self.lock:
+            version, ids = self.memory.state()
+            if version is not None:
+                if self._dirty or version != self._local_version or ids != set(self.selector.edit_ids()):
+                    if not self._dirty and version == self._local_version:
+                        log.warning("selector mirror differs from the memory at the same version; reloading")
+                    self._load_mirror()
+                return
+        with self.db.transaction() as s:
+            self.db.lock_visibility(s)
+            if self.memory.version() is None:  # another replica may have rebuilt meanwhile
+                self._rebuild(s)
+                return
+        with self.lock:
+            self._load_mirror()
 
-    def _load_mirror(self, version: int | None) -> None:
-        records = [self.to_record(r) for r in self.memory.all()]
-        self.selector.replace_all(records)
+    def reconcile(self) -> bool:
+        """Make the memory hold exactly the active edits of the database; True when it had to be
+        rebuilt. A difference seen outside the lock may be a change in flight, so it is checked
+        again under the visibility lock before anything is rewritten."""
+        _, ids = self.memory.state()
+        if self._active_ids() == ids:
+            return False
+        with self.db.transaction() as s:
+            self.db.lock_visibility(s)
+            version, ids = self.memory.state()
+            if version is not None and self._active_ids(s) == ids:
+                return False
+            log.warning("selector memory differs from the database; rebuilding it")
+            self._rebuild(s)
+            return True
+
+    def _active_ids(self, session=None) -> set[str]:
+        from sqlalchemy import select
+
+        stmt = select(Edit.id).where(Edit.status == "active")
+        if session is not None:
+            return set(session.scalars(stmt))
+        with self.db.session() as s:
+            return set(s.scalars(stmt))
+
+    def _load_mirror(self) -> None:
+        version, stored = self.memory.snapshot()
+        self.selector.replace_all([self.to_record(r) for r in stored])
         self._local_version = version
+        self._dirty = False
+        self.reloads += 1
 
     # -- changes made here ---------------------------------------------------------------------
     def note_local_version(self, version: int) -> None:
-        with self._lock:
+        with self.lock:
             if self._local_version is not None and version == self._local_version + 1:
                 self._local_version = version
 
+    def mark_dirty(self) -> None:
+        """The mirror may no longer equal the memory (a local change failed halfway)."""
+        self._dirty = True
+
+    def request_reconcile(self) -> None:
+        """The memory may no longer equal the database (a write's outcome in Redis is unknown)."""
+        self._suspect = True
+        self._dirty = True
+
+    @property
+    def suspect(self) -> bool:
+        return self._suspect
+
     # -- changes made elsewhere ----------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
-        with self._lock:
+        with self.lock:
             version = event.get("version")
-            if version is not None and version == self._local_version:
+            if version is not None and version == self._local_version and not self._dirty:
                 return  # our own change
             op, edit_id = event.get("op"), event.get("edit_id")
-            if op == "add" and edit_id and self._local_version is not None and version == self._local_version + 1:
+            incremental = (not self._dirty and edit_id and self._local_version is not None
+                           and version == self._local_version + 1)
+            if op == "add" and incremental:
                 stored = self.memory.get(edit_id)
                 if stored is not None:
                     self.selector.add(self.to_record(stored))
                     self._local_version = version
                     return
-            if op == "remove" and edit_id and self._local_version is not None and version == self._local_version + 1:
+            if op == "remove" and incremental:
                 self.selector.remove(edit_id)
                 self._local_version = version
                 return
-            self._load_mirror(self.memory.version())
+            self._load_mirror()
+
+    def check(self, *, reconcile: bool = False) -> None:
+        """One periodic check (what the background thread runs): the database against the memory
+        when due or suspect, then the memory against the mirror (also while the database is away)."""
+        if reconcile or self._suspect:
+            try:
+                self.reconcile()
+                self._suspect = False
+            except Exception as exc:  # noqa: BLE001 - retried at the next check
+                log.warning("selector memory reconciliation failed: %s", type(exc).__name__)
+        if reconcile:
+            self._inactive.clear()
+        self.ensure()
+        self._warm_deltas()
+
+    def _warm_deltas(self) -> None:
+        """Load the delta of every edit in the mirror that is not cached yet, so that answers keep
+        their edits while the database is away (an id found inactive is retried only after the
+        next reconciliation: it may be an edit between its memory write and its commit)."""
+        if self.deltas is None:
+            return
+        missing = [e for e in self.selector.edit_ids() if e not in self._inactive and self.deltas.get_cached(e) is None]
+        for edit_id in missing[: min(self.WARM_PER_CHECK, self.deltas.capacity)]:
+            if self.deltas.get(edit_id) is None:
+                self._inactive.add(edit_id)
 
     def _poll(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.poll_seconds):
+            due = time.monotonic() - last >= self.reconcile_seconds
             try:
-                self.ensure()
+                self.check(reconcile=due)
+                if due:
+                    last = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - keep serving from the mirror while Redis is away
                 log.warning("selector memory check failed: %s", type(exc).__name__)

@@ -3,10 +3,19 @@
 PostgreSQL (psycopg 3) in production and tests; a SQLite file under FACTPATCH_HOME by default.
 A PostgreSQL schema can be chosen (tests use one per run); it is created if missing and used
 for the Alembic version table too.
+
+A database that cannot be reached (connection refused or lost) surfaces from ``session`` and
+``transaction`` as ``DatabaseUnavailable`` (503 ``database_unavailable``), never as a driver error.
+Two PostgreSQL advisory locks coordinate replicas: ``lock_visibility`` (held by every
+transaction that changes which edits the shared selector memory holds, and by a rebuild, so a
+rebuild never sees a change half made) and ``claim`` (one holder per name, e.g. an
+Idempotency-Key, taken before any training).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,10 +23,30 @@ from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+CONNECT_TIMEOUT_S = 3
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached; the request changed nothing there."""
+
+    code = "database_unavailable"
+
+    def __init__(self, message: str = "the database is unavailable; try again later", **kw):
+        super().__init__(message, **kw)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """A driver error that means the database is unreachable (not a bad statement)."""
+    return isinstance(exc, (DatabaseUnavailable, OperationalError, InterfaceError))
 
 
 class Database:
@@ -29,8 +58,10 @@ class Database:
         kwargs: dict = {"pool_pre_ping": True, "future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        elif schema:
-            kwargs["connect_args"] = {"options": f"-csearch_path={schema}"}
+        else:
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+            if schema:
+                kwargs["connect_args"]["options"] = f"-csearch_path={schema}"
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -47,13 +78,53 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work: commit on success, roll back everything on any exception."""
-        with self._sessions() as session, session.begin():
-            yield session
+        with _unavailable_as_503():
+            with self._sessions() as session, session.begin():
+                yield session
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self._sessions() as session:
-            yield session
+        with _unavailable_as_503():
+            with self._sessions() as session:
+                yield session
+
+    # -- coordination between replicas ---------------------------------------------------------
+    def _lock_key(self, name: str) -> int:
+        digest = hashlib.sha256(f"factpatch:{self.schema or ''}:{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "big", signed=True)
+
+    def lock_visibility(self, session: Session) -> None:
+        """Hold the memory-visibility lock until ``session``'s transaction ends (PostgreSQL; a
+        SQLite database serves one process, whose changes are serialised already)."""
+        if self.dialect == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key("visibility")})
+
+    @contextmanager
+    def claim(self, name: str) -> Iterator[bool]:
+        """Try to hold ``name`` (across replicas) for the block: yields False at once when another
+        holder has it. The claim lives on its own connection and ends with it, so a crashed
+        holder frees it. SQLite: always True (one process)."""
+        if self.dialect != "postgresql":
+            yield True
+            return
+        key = self._lock_key(f"claim:{name}")
+        with _unavailable_as_503():
+            conn = self.engine.connect()
+        got = False
+        try:
+            with _unavailable_as_503():
+                got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+                conn.commit()
+            yield got
+        finally:
+            try:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            except Exception:  # noqa: BLE001 - a lost connection released the lock already
+                conn.invalidate()
+            finally:
+                conn.close()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -99,6 +170,15 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+@contextmanager
+def _unavailable_as_503() -> Iterator[None]:
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("database unavailable: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise DatabaseUnavailable() from exc
 
 
 def alembic_config(url: str):
