@@ -38,6 +38,27 @@ def test_put_get_delete_and_version(memory):
     assert sorted(r.edit_id for r in memory.all()) == ["e3", "e4"]
 
 
+def test_state_and_snapshot_read_version_and_records_together(memory):
+    assert memory.state() == (None, set()) and memory.snapshot() == (None, [])
+    memory.put(rec(1))
+    v = memory.put(rec(2))
+    assert memory.state() == (v, {"e1", "e2"})
+    version, records = memory.snapshot()
+    assert version == v and sorted(r.edit_id for r in records) == ["e1", "e2"]
+    v = memory.delete("e1")
+    assert memory.state() == (v, {"e2"})
+
+
+def test_a_stopped_redis_fails_fast_without_retries(redis_prefix):
+    """Nothing listens: one attempt, no client-side retries (a retried write could land twice)."""
+    m = RedisKeyMemory("redis://127.0.0.1:1/0", redis_prefix, socket_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(Exception):
+        m.put(rec(1))
+    assert time.monotonic() - t0 < 1.0
+    m.close()
+
+
 def test_redis_flush_is_detected_as_missing_version(redis_url, redis_prefix):
     m = RedisKeyMemory(redis_url, redis_prefix)
     m.put(rec(1))
