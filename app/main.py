@@ -46,4 +46,65 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
+    _document_limits(app, settings)
     return app
+
+
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document states what this server enforces: the bearer scheme and the limits that
+    come from settings (batch size, ``max_new_tokens``, query length)."""
+    from fastapi.openapi.utils import get_openapi
+
+    from app.api.schemas import MAX_TEXT
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        doc.setdefault("components", {})["securitySchemes"] = {
+            "bearerAuth": {"type": "http", "scheme": "bearer",
+                           "description": "An API key: `Authorization: Bearer <key>` (roles reader < editor < admin)."},
+        }
+        schemas = doc["components"].get("schemas", {})
+        batch = schemas.get("AnswerBatchIn", {}).get("properties", {})
+        if "queries" in batch:
+            batch["queries"]["maxItems"] = settings.max_batch
+        if "max_new_tokens" in batch:
+            _set_int_max(batch["max_new_tokens"], settings.max_new_tokens_limit)
+        for param in doc["paths"].get("/answer", {}).get("get", {}).get("parameters", []):
+            if param["name"] == "max_new_tokens":
+                _set_int_max(param["schema"], settings.max_new_tokens_limit)
+        # Every 422 carries this service's error body, not FastAPI's default validation schema.
+        error_ref = {"$ref": "#/components/schemas/ErrorOut"}
+        for ops in doc["paths"].values():
+            for op in ops.values():
+                r422 = op.get("responses", {}).get("422")
+                if r422 and "HTTPValidationError" in str(r422):
+                    r422["description"] = errors.responses(422)[422]["description"]
+                    r422["content"] = {"application/json": {"schema": error_ref}}
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        if settings.max_query_chars < MAX_TEXT:
+            _lower_max_length(doc, MAX_TEXT, settings.max_query_chars)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi
+
+
+def _set_int_max(schema: dict, limit: int) -> None:
+    schema.pop("maximum", None)
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = limit
+
+
+def _lower_max_length(node, old: int, new: int) -> None:
+    if isinstance(node, dict):
+        if node.get("maxLength") == old:
+            node["maxLength"] = new
+        for v in node.values():
+            _lower_max_length(v, old, new)
+    elif isinstance(node, list):
+        for v in node:
+            _lower_max_length(v, old, new)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import Annotated
 
 from app.settings import get_settings
 
@@ -14,20 +15,90 @@ MAX_TARGET = 200
 MAX_PARAPHRASES = 20
 MAX_LOCALITY = 20
 MAX_CONFIG_KEYS = 50
+MIN_TEMPERATURE = 1e-3  # below this, logits / temperature overflow to inf and sampling fails
 Mode = Literal["chat", "completion"]
 Scope = Literal["fact", "subject"]  # app.selector.router.SCOPES
 
 
+# -- text the service can store (PostgreSQL refuses NUL) and tokenise (no lone surrogates) --------
+_WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+_ESC = "".join(f"\\u{ord(c):04x}" for c in _WHITESPACE)
+# Documented in the OpenAPI schema and enforced in Python (not by pydantic's own regex engine, whose
+# idea of whitespace differs from str.strip's): no NUL, and one character that is not whitespace.
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+NONBLANK_PATTERN = f"^[^\\u0000]*[^\\u0000{_ESC}][^\\u0000]*$"
+UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+CURSOR_PATTERN = "^[A-Za-z0-9_-]+={0,2}$"
+HEADER_TOKEN_PATTERN = "^[!-~]+$"  # printable ASCII without spaces (Idempotency-Key)
+
+
+def storable(v: str) -> str:
+    """Refuse what PostgreSQL cannot store or the tokenizer cannot encode."""
+    if "\x00" in v:
+        raise ValueError("must not contain NUL characters")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no unpaired surrogates)") from None
+    return v
+
+
+def _storable_deep(v: Any, depth: int = 0) -> Any:
+    if depth > 32:
+        raise ValueError("nested too deeply")
+    if isinstance(v, str):
+        storable(v)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _storable_deep(k, depth + 1)
+            _storable_deep(x, depth + 1)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _storable_deep(x, depth + 1)
+    return v  # non-finite numbers: typed fields refuse them (allow_inf_nan=False), configs in the method
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable(cls, v: Any) -> Any:
+        return _storable_deep(v)
 
 
 def _nonblank(v: str) -> str:
+    storable(v)
     if not v.strip():
         raise ValueError("must not be empty or whitespace")
     if len(v) > get_settings().max_query_chars:
         raise ValueError(f"at most {get_settings().max_query_chars} characters")
     return v
+
+
+def Text(max_length: int, description: str | None = None, *, nonblank: bool = True):
+    """A string field: at most ``max_length`` characters, no NUL, valid Unicode, not blank."""
+    return Annotated[
+        str,
+        AfterValidator(_nonblank if nonblank else storable),
+        Field(
+            min_length=1 if nonblank else 0, max_length=max_length, description=description,
+            json_schema_extra={"pattern": NONBLANK_PATTERN if nonblank else NO_NUL_PATTERN},
+        ),
+    ]
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    code: str = Field(description="Stable machine-readable code, e.g. `invalid_request`, `edit_not_found`.")
+    message: str
+    details: list[dict[str, Any]] | None = Field(default=None, description="Per-field problems of a 422.")
+
+
+class ErrorOut(BaseModel):
+    """Every error response: ``{"error": {"code", "message"}}``."""
+
+    error: ErrorBody
 
 
 class AnswerOut(BaseModel):
@@ -42,14 +113,21 @@ class Sampling(Strict):
     """Greedy by default, so answers are reproducible; sampling only when asked for."""
 
     do_sample: bool = Field(default=False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(default=1.0, gt=0.0, le=5.0, description="Sampling temperature.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    temperature: float = Field(
+        default=1.0, ge=MIN_TEMPERATURE, le=5.0, allow_inf_nan=False,
+        description=f"Sampling temperature, a finite number in {MIN_TEMPERATURE}..5.",
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass.")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Seed for reproducible sampling.")
 
 
 class AnswerBatchIn(Sampling):
-    queries: list[str] = Field(min_length=1, description="Queries to answer, each routed on its own.")
-    max_new_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate per query.")
+    queries: list[Text(MAX_TEXT)] = Field(
+        min_length=1, json_schema_extra={"maxItems": 32}, description="Queries to answer, each routed on its own."
+    )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, json_schema_extra={"maximum": 256}, description="Tokens to generate per query."
+    )
     mode: Mode | None = None
 
     @field_validator("queries")
@@ -65,13 +143,8 @@ class AnswerBatchOut(BaseModel):
 
 
 class ScoreItem(Strict):
-    prompt: str = Field(max_length=MAX_TEXT)
-    target: str = Field(max_length=MAX_TARGET)
-
-    @field_validator("prompt", "target")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return _nonblank(v)
+    prompt: Text(MAX_TEXT)
+    target: Text(MAX_TARGET)
 
 
 class ScoreIn(Strict):
@@ -92,33 +165,21 @@ class ScoreBatchOut(BaseModel):
 
 
 class EditIn(Strict):
-    prompt: str = Field(max_length=MAX_TEXT, description="The prompt whose continuation changes.")
-    target: str = Field(max_length=MAX_TARGET, description="The new continuation.")
-    subject: str | None = Field(default=None, max_length=200, description="The fact's subject, if known.")
-    paraphrases: list[str] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
-    locality_prompts: list[str] = Field(default_factory=list, max_length=MAX_LOCALITY)
-    method: str = Field(default="pnp", max_length=64)
-    config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS)
+    prompt: Text(MAX_TEXT, "The prompt whose continuation changes.")
+    target: Text(MAX_TARGET, "The new continuation.")
+    subject: Text(200, "The fact's subject, if known.") | None = None
+    paraphrases: list[Text(MAX_TEXT)] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
+    locality_prompts: list[Text(MAX_TEXT)] = Field(default_factory=list, max_length=MAX_LOCALITY)
+    method: Text(64, "The editing method (`pnp`).") = "pnp"
+    config: dict[str, Any] = Field(
+        default_factory=dict, max_length=MAX_CONFIG_KEYS,
+        description="Settings of the method; unknown keys and out-of-range values are refused (422 invalid_config).",
+    )
     scope: Scope = Field(
         default="fact",
         description="fact: serve only queries asking the edited relation of the subject; "
         "subject: serve every query about the subject (e.g. a renamed entity).",
     )
-
-    @field_validator("prompt", "target")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return _nonblank(v)
-
-    @field_validator("subject")
-    @classmethod
-    def _subject(cls, v: str | None) -> str | None:
-        return None if v is None else _nonblank(v)
-
-    @field_validator("paraphrases", "locality_prompts")
-    @classmethod
-    def _lists(cls, v: list[str]) -> list[str]:
-        return [_nonblank(x) for x in v]
 
 
 class EditMetrics(BaseModel):
@@ -163,13 +224,30 @@ class RevertOut(BaseModel):
     status: str
 
 
+class AuditItem(BaseModel):
+    at: datetime
+    actor: str | None
+    action: str
+    details: dict[str, Any] | None
+
+
+class HistoryOut(BaseModel):
+    items: list[AuditItem]
+
+
+class RebuildOut(BaseModel):
+    edits: int
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     model: str
     device: str
     database: dict[str, Any]
     redis: dict[str, Any]
-    edits_active: int | None = None
+    edits_active: int | None = Field(
+        default=None, description="Active edits in the database; null only while the database is unreachable."
+    )
     selector_keys: int | None = None
 
 
@@ -177,11 +255,12 @@ MAX_FACTS_PER_REQUEST = 1000
 
 
 class FactIn(Strict):
-    subject: str = Field(max_length=200, description="Subject, filled into [X].")
-    object: str = Field(max_length=200, description="Object, filled into [Y].")
-    relation: str | None = Field(default=None, max_length=64, description="LAMA relation id (P36, ...).")
-    template: str | None = Field(default=None, max_length=500, description="Explicit template with [X] and [Y].")
-    negatives: list[str] = Field(default_factory=list, max_length=10, description="False-relation templates.")
+    # Blank values are refused by the fact checks with their own codes (`empty_subject`, ...).
+    subject: Text(200, "Subject, filled into [X].", nonblank=False)
+    object: Text(200, "Object, filled into [Y].", nonblank=False)
+    relation: Text(64, "LAMA relation id (P36, ...).", nonblank=False) | None = None
+    template: Text(500, "Explicit template with [X] and [Y].", nonblank=False) | None = None
+    negatives: list[Text(500, nonblank=False)] = Field(default_factory=list, max_length=10, description="False-relation templates.")
 
     def to_fact(self):
         from app.knowledge import Fact
@@ -192,7 +271,7 @@ class FactIn(Strict):
 
 class DetectIn(Strict):
     facts: list[FactIn] = Field(min_length=1, max_length=MAX_FACTS_PER_REQUEST)
-    threshold: float | None = Field(default=None, gt=0.0, le=1000.0, description="CKA below this is judged false.")
+    threshold: float | None = Field(default=None, gt=0.0, le=1000.0, allow_inf_nan=False, description="CKA below this is judged false.")
 
 
 class DetectOut(BaseModel):

@@ -16,10 +16,23 @@ from app.delta import Delta
 from app.lm.engine import LM, Mode
 
 
-class MethodConfig(BaseModel):
-    """Base of every method's config: unknown keys are an error, not silently ignored."""
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; stored configs stay in a signed BIGINT
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class ConfigError(ValueError):
+    """A config that is valid on its own but not for the loaded model; the message starts with the
+    field's name (``layers: ...``)."""
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: unknown keys are an error, not silently ignored; numbers
+    must be finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    def check(self, lm: LM) -> None:
+        """Raise :class:`ConfigError` when the config does not fit ``lm`` (e.g. a block index
+        beyond its depth); called before any training."""
 
 
 C = TypeVar("C", bound=MethodConfig)
@@ -59,6 +72,10 @@ class Method(Generic[C]):
 
     def parse_config(self, raw: dict[str, Any] | None) -> C:
         return self.config_class.model_validate(raw or {})  # raises ValidationError
+
+    def check(self, lm: LM, config: C) -> None:
+        """Raise :class:`ConfigError` when ``config`` cannot be used on ``lm``."""
+        config.check(lm)
 
     def fit(self, lm: LM, request: EditRequest, config: C, progress: ProgressFn | None = None) -> FitResult:
         raise NotImplementedError
@@ -109,6 +126,6 @@ def _load_builtin() -> None:
 
 
 __all__ = [
-    "EditRequest", "FitResult", "Method", "MethodConfig", "ProgressFn", "UnknownMethod",
+    "ConfigError", "EditRequest", "FitResult", "MAX_SEED", "Method", "MethodConfig", "ProgressFn", "UnknownMethod",
     "ValidationError", "get", "names", "register",
 ]

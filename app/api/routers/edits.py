@@ -2,11 +2,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import deps
-from app.api.schemas import EditIn, EditList, EditOut, RevertOut
+from app.api.routers._params import (
+    AUTH, BEARER, check_cursor, cursor_query, idempotency_header, resource_id, responses,
+)
+from app.api.schemas import EditIn, EditList, EditOut, HistoryOut, RebuildOut, RevertOut
+from app.errors import Unprocessable
+from app.methods import base as methods
 from app.runtime import Runtime
 from app.services.edits import EditInput
 from app.services.keys import Principal
@@ -14,14 +19,20 @@ from app.services.keys import Principal
 router = APIRouter(tags=["edits"])
 
 
-@router.post("/edits", response_model=EditOut, status_code=201, summary="Write one fact into the model")
+@router.post(
+    "/edits", response_model=EditOut, status_code=201, summary="Write one fact into the model (editor)",
+    responses={200: {"model": EditOut, "description": "A replay of the edit stored under this Idempotency-Key."},
+               **responses(400, *AUTH, 409, 422)},
+    openapi_extra={"security": BEARER},
+)
 async def create_edit(
     body: EditIn,
     response: Response,
     rt: Runtime = Depends(deps.runtime),
     who: Principal = Depends(deps.editor),
-    idempotency_key: str | None = Header(default=None, max_length=200),
+    idempotency_key: str | None = idempotency_header(),
 ) -> EditOut:
+    await run_in_threadpool(check_method_config, rt, body)
     result = await run_in_threadpool(
         rt.edits.create, EditInput(**body.model_dump()), actor=who.key_id, idempotency_key=idempotency_key
     )
@@ -31,36 +42,67 @@ async def create_edit(
     return EditOut.of(result.edit)
 
 
-@router.get("/edits/{edit_id}", response_model=EditOut, summary="One edit")
-async def get_edit(edit_id: str, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> EditOut:
+@router.get("/edits/{edit_id}", response_model=EditOut, summary="One edit",
+            responses=responses(*AUTH, 404, 422), openapi_extra={"security": BEARER})
+async def get_edit(edit_id: str = resource_id("edit"), rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> EditOut:
     return EditOut.of(await run_in_threadpool(rt.edits.get, edit_id))
 
 
-@router.get("/edits", response_model=EditList, summary="Edits, newest first")
+@router.get("/edits", response_model=EditList, summary="Edits, newest first",
+            responses=responses(*AUTH, 422), openapi_extra={"security": BEARER})
 async def list_edits(
     status: Literal["active", "reverted", "superseded"] | None = None,
     limit: int = Query(default=50, ge=1, le=500),
-    cursor: str | None = Query(default=None, max_length=200),
+    cursor: str | None = cursor_query(),
     rt: Runtime = Depends(deps.runtime),
     _=Depends(deps.reader),
 ) -> EditList:
+    check_cursor(cursor)
     items, nxt = await run_in_threadpool(rt.edits.list, status=status, limit=limit, cursor=cursor)
     return EditList(items=[EditOut.of(e) for e in items], next_cursor=nxt)
 
 
-@router.get("/edits/{edit_id}/history", summary="Audit events of one edit")
-async def edit_history(edit_id: str, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> dict:
+@router.get("/edits/{edit_id}/history", response_model=HistoryOut, summary="Audit events of one edit",
+            responses=responses(*AUTH, 404, 422), openapi_extra={"security": BEARER})
+async def edit_history(
+    edit_id: str = resource_id("edit"), rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)
+) -> dict:
     await run_in_threadpool(rt.edits.get, edit_id)
     return {"items": await run_in_threadpool(rt.edits.history, edit_id)}
 
 
-@router.post("/admin/edits/{edit_id}/revert", response_model=RevertOut, summary="Take an edit back (admin)")
-async def revert_edit(edit_id: str, rt: Runtime = Depends(deps.runtime), who: Principal = Depends(deps.admin)) -> RevertOut:
+@router.post("/admin/edits/{edit_id}/revert", response_model=RevertOut, summary="Take an edit back (admin)",
+             responses=responses(*AUTH, 404, 409, 422), openapi_extra={"security": BEARER})
+async def revert_edit(
+    edit_id: str = resource_id("edit"), rt: Runtime = Depends(deps.runtime), who: Principal = Depends(deps.admin)
+) -> RevertOut:
     edit = await run_in_threadpool(rt.edits.revert, edit_id, actor=who.key_id)
     return RevertOut(id=edit.id, status=edit.status)
 
 
-@router.post("/admin/selector/rebuild", summary="Rebuild the shared selector memory from the database (admin)")
+@router.post("/admin/selector/rebuild", response_model=RebuildOut,
+             summary="Rebuild the shared selector memory from the database (admin)",
+             responses=responses(*AUTH), openapi_extra={"security": BEARER})
 async def rebuild_selector(rt: Runtime = Depends(deps.runtime), _=Depends(deps.admin)) -> dict:
     n = await run_in_threadpool(rt.sync.rebuild_from_database)
     return {"edits": n}
+
+
+def check_method_config(rt: Runtime, body: EditIn) -> None:
+    """Refuse an unknown method or a config the loaded model cannot take (block indices beyond its
+    depth, ...) with 422 before anything is trained; the service parses the config again."""
+    try:
+        method = methods.get(body.method)
+    except methods.UnknownMethod:
+        return  # the service names the known methods
+    if not method.accepts_edits:
+        return
+    try:
+        config = method.parse_config(body.config)
+        method.check(rt.lm, config)
+    except methods.ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise Unprocessable(f"config.{loc}: {first.get('msg')}", code="invalid_config") from None
+    except methods.ConfigError as exc:
+        raise Unprocessable(f"config.{exc}", code="invalid_config") from None

@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api import deps
 from app.api.schemas import HealthOut
+from app.store import EditRepo
 from app.runtime import Runtime
 
 router = APIRouter(tags=["health"])
@@ -25,11 +26,20 @@ def health_report(rt: Runtime) -> HealthOut:
     ok = db["ok"] and redis["ok"]
     return HealthOut(
         status="ok" if ok else "degraded", model=rt.lm.name, device=str(rt.lm.device), database=db, redis=redis,
-        selector_keys=len(rt.selector),
+        edits_active=_active_edits(rt) if db["ok"] else None, selector_keys=len(rt.selector),
     )
 
 
-@router.get("/health", response_model=HealthOut, summary="Liveness and dependencies; 503 when one is down")
+def _active_edits(rt: Runtime) -> int | None:
+    try:
+        with rt.db.session() as s:
+            return int(EditRepo(s).count_by_status().get("active", 0))
+    except Exception:  # noqa: BLE001 - health reports, never raises
+        return None
+
+
+@router.get("/health", response_model=HealthOut, summary="Liveness and dependencies; 503 when one is down",
+            responses={503: {"model": HealthOut, "description": "A dependency (database, Redis) is down."}})
 async def health(rt: Runtime = Depends(deps.runtime)):
     report = await run_in_threadpool(health_report, rt)
     return JSONResponse(report.model_dump(), status_code=200 if report.status == "ok" else 503)

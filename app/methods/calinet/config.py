@@ -8,12 +8,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from app.methods.base import MethodConfig
+from app.methods.base import MAX_SEED, ConfigError, MethodConfig
 
 
 class CaliNetConfig(MethodConfig):
     layer: int | None = Field(
-        default=None,
+        default=None, ge=-10_000, le=10_000,
         description="Decoder block whose MLP gets the extra slots (negative counts from the end). "
         "Unset: `default_layer_fraction` of the depth.",
     )
@@ -27,7 +27,7 @@ class CaliNetConfig(MethodConfig):
         "capped by `max_param_fraction`.",
     )
     slots_per_fact: float = Field(default=0.5, gt=0.0, le=64.0, description="Slots per fact when `slots` is unset.")
-    min_slots: int = Field(default=16, ge=1, description="Fewest slots when `slots` is unset.")
+    min_slots: int = Field(default=16, ge=1, le=65536, description="Fewest slots when `slots` is unset.")
     max_param_fraction: float = Field(
         default=0.01, gt=0.0, le=0.1,
         description="Cap on the slots' parameters as a fraction of the model's parameters.",
@@ -50,27 +50,33 @@ class CaliNetConfig(MethodConfig):
     )
     key_scale: float = Field(default=1.0, gt=0.0, le=100.0, description="Activation a `data` key gives its own prompt.")
     locality_weight: float = Field(
-        default=10.0, ge=0.0,
+        default=10.0, ge=0.0, le=1e6,
         description="Weight of the penalty on the slots' output over generic text (relative to the MLP's own output), "
         "which keeps perplexity on unrelated text.",
     )
     kl_weight: float = Field(
-        default=2.0, ge=0.0,
+        default=2.0, ge=0.0, le=1e6,
         description="Weight of KL(base || calibrated) of the next-token distributions over generic sentences "
         "(a few per step); the direct guard on perplexity, at the price of two extra small forwards per step.",
     )
     kl_sentences: int = Field(default=4, ge=1, le=64, description="Generic sentences per step for the KL term.")
-    eval_every: int = Field(default=50, ge=1, description="Steps between validation-loss checks (early stopping).")
-    patience: int = Field(default=3, ge=1, description="Validation checks without improvement before stopping.")
-    max_val_examples: int = Field(default=256, ge=1, description="Validation examples per check (a fixed sample).")
+    eval_every: int = Field(default=50, ge=1, le=100000, description="Steps between validation-loss checks (early stopping).")
+    patience: int = Field(default=3, ge=1, le=1000, description="Validation checks without improvement before stopping.")
+    max_val_examples: int = Field(default=256, ge=1, le=100000, description="Validation examples per check (a fixed sample).")
     max_facts: int = Field(default=1000, ge=1, le=5000, description="Most facts one calibration accepts.")
     evaluate: bool = Field(
         default=True, description="Measure before/after metrics on the test templates (costs about as much as training)."
     )
     threshold: float | None = Field(
-        default=None, description="CKA threshold for the false rate. Unset: the detector's default."
+        default=None, gt=0.0, le=1000.0, description="CKA threshold for the false rate. Unset: the detector's default."
     )
-    seed: int = Field(default=0, description="Seed of the key init and of the template draws.")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the key init and of the template draws.")
+
+    def check(self, lm) -> None:
+        try:
+            self.resolve_layer(lm.arch.num_layers)
+        except ValueError as exc:
+            raise ConfigError(f"layer: {exc}") from None
 
     def resolve_slots(self, n_facts: int, model_params: int, slot_params: int) -> int:
         """Slot count for ``n_facts`` within the parameter budget."""

@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from app.methods.base import MethodConfig
+from app.methods.base import MAX_SEED, ConfigError, MethodConfig
+
+MAX_LAYER_INDICES = 256
 
 
 class PnPConfig(MethodConfig):
@@ -15,6 +17,7 @@ class PnPConfig(MethodConfig):
     rank: int = Field(default=4, ge=1, le=64, description="LoRA rank r of every adapted projection.")
     layers: int | list[int] = Field(
         default=4,
+        json_schema_extra={"maxItems": MAX_LAYER_INDICES},
         description="Blocks to adapt: a count of consecutive blocks centred at relative depth `depth`, "
         "or an explicit list of block indices (negative counts from the top).",
     )
@@ -49,6 +52,7 @@ class PnPConfig(MethodConfig):
     kl_weight: float = Field(
         default=0.1,
         ge=0.0,
+        le=1e6,
         description="Weight of the KL term that keeps the next-token distribution of unrelated prompts "
         "unchanged (0 turns it off).",
     )
@@ -70,7 +74,7 @@ class PnPConfig(MethodConfig):
         "relation check keeps other facts instead.",
     )
     negative_weight: float = Field(
-        default=1.0, ge=0.0, description="Weight of the KL term on the other-fact prompts (0 turns it off)."
+        default=1.0, ge=0.0, le=1e6, description="Weight of the KL term on the other-fact prompts (0 turns it off)."
     )
     context_prefixes: int = Field(
         default=0,
@@ -92,17 +96,32 @@ class PnPConfig(MethodConfig):
         default=True,
         description="Also train the chat form of every prompt when the model has a chat template.",
     )
-    scale: float = Field(default=1.0, gt=0, description="LoRA output scale stored with the delta.")
+    scale: float = Field(default=1.0, gt=0, le=1e3, description="LoRA output scale stored with the delta.")
     init_std: float = Field(
-        default=0.02, gt=0, description="Standard deviation of the random A matrices (B starts at zero)."
+        default=0.02, gt=0, le=10.0, description="Standard deviation of the random A matrices (B starts at zero)."
     )
-    seed: int = Field(default=0, description="Seed of the adapter initialisation and locality sampling.")
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="Seed of the adapter initialisation and locality sampling."
+    )
 
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: int | list[int]) -> int | list[int]:
-        if isinstance(v, int) and v < 1:
+        if isinstance(v, int) and not 1 <= v <= 10_000:
             raise ValueError("layers must be a positive count or a non-empty list of block indices")
-        if isinstance(v, list) and not v:
-            raise ValueError("layers must be a positive count or a non-empty list of block indices")
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_LAYER_INDICES:
+            raise ValueError(
+                f"layers must be a positive count or a non-empty list of at most {MAX_LAYER_INDICES} block indices"
+            )
+        if isinstance(v, list) and any(abs(i) > 10_000 for i in v):
+            raise ValueError("block indices must be within the model's depth")
         return v
+
+    def check(self, lm) -> None:
+        if isinstance(self.layers, list):
+            n = lm.arch.num_layers
+            bad = [i for i in self.layers if not -n <= i < n]
+            if bad:
+                raise ConfigError(
+                    f"layers: block index {bad[0]} is out of range for a model of {n} blocks (0..{n - 1}, or -{n}..-1)"
+                )

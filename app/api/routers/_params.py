@@ -1,0 +1,56 @@
+"""Path, query and header parameters shared by the routers, with the bounds the OpenAPI document states."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Header, Path, Query
+
+from app.api import errors
+from app.api.schemas import CURSOR_PATTERN, HEADER_TOKEN_PATTERN, UUID_PATTERN
+from app.errors import Unprocessable
+
+BEARER = [{"bearerAuth": []}]
+BEARER_OR_PUBLIC = [{"bearerAuth": []}, {}]  # answers can be public (FACTPATCH_PUBLIC_ANSWERS)
+
+_UUID = re.compile(UUID_PATTERN)
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
+def resource_id(what: str):
+    """A path id: a UUID; anything else (NUL bytes included) is 422 ``invalid_request``."""
+    return Path(pattern=UUID_PATTERN, min_length=36, max_length=36, description=f"The {what}'s id (a UUID).")
+
+
+def cursor_query():
+    return Query(
+        default=None, max_length=200, json_schema_extra={"pattern": CURSOR_PATTERN},
+        description="`next_cursor` of the previous page; anything else is 422 `invalid_cursor`.",
+    )
+
+
+def check_cursor(cursor: str | None) -> None:
+    """Refuse a cursor this service did not hand out before it reaches the database."""
+    if cursor is None:
+        return
+    from app.store.repos import BadCursor, decode_cursor
+
+    try:
+        if not _CURSOR.match(cursor):
+            raise BadCursor("malformed cursor")
+        _ts, ident = decode_cursor(cursor)
+        if not _UUID.match(ident):
+            raise BadCursor("malformed cursor")
+    except BadCursor as exc:
+        raise Unprocessable(str(exc), code="invalid_cursor") from None
+
+
+def idempotency_header():
+    return Header(
+        default=None, min_length=1, max_length=200, pattern=HEADER_TOKEN_PATTERN,
+        description="Replays the stored edit for a repeated request with the same key (printable ASCII, no spaces).",
+    )
+
+
+AUTH = (401, 403, 503)
+responses = errors.responses
