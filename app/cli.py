@@ -8,6 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+# h11 parses request heads up to this size and hands an over-long URL to the app, which answers a
+# JSON 414 (httptools, uvicorn's default, answers URLs over 64 KiB with a plain-text 400 itself).
+SERVER_OPTIONS = {"http": "h11", "h11_max_incomplete_event_size": 256 * 1024}
+
 app = typer.Typer(help="factpatch: edit the factual knowledge of a served language model.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -30,7 +34,7 @@ def serve(
     s = get_settings()
     uvicorn.run(
         "app.main:create_app", factory=True, host=host or s.host, port=port or s.port, workers=workers,
-        log_level=s.log_level.lower(),
+        log_level=s.log_level.lower(), **SERVER_OPTIONS,
     )
 
 

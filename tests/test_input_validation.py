@@ -249,11 +249,9 @@ def test_a_very_long_url_gets_a_json_error(api):
     assert error(r, 414)["code"] == "uri_too_long"
 
 
-@pytest.mark.xfail(strict=True, reason="uvicorn's httptools protocol fails httptools.parse_url on URLs over 65535 "
-                   "bytes and answers a plain-text 400 before the app runs; needs the serve command (app/cli.py) "
-                   "to use a protocol that hands such URLs to the app")
 def test_a_100k_character_url_through_uvicorn_gets_a_json_error(api):
-    """Over a real socket, as a client sends it: uvicorn's parser passes it on and the app answers JSON."""
+    """Over a real socket, as a client sends it, to the server as `factpatch serve` configures it: the
+    request head is parsed and the app answers JSON."""
     import socket
     import threading
     import time
@@ -261,7 +259,10 @@ def test_a_100k_character_url_through_uvicorn_gets_a_json_error(api):
     import uvicorn
 
     client, _ = api
-    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=0, lifespan="off", log_level="warning"))
+    from app.cli import SERVER_OPTIONS
+
+    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=0, lifespan="off", log_level="warning",
+                                           **SERVER_OPTIONS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -174,10 +174,13 @@ class EditService:
             )
         try:
             config = method.parse_config(req.config)
+            method.check(self.lm, config)  # e.g. block indices beyond the model's depth
         except methods.ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first.get("loc", ()))
             raise Unprocessable(f"config.{loc}: {first.get('msg')}", code="invalid_config") from None
+        except methods.ConfigError as exc:
+            raise Unprocessable(f"config.{exc}", code="invalid_config") from None
 
         claim = self.db.claim(f"idempotency:{idempotency_key}") if idempotency_key else contextlib.nullcontext(True)
         with self._lock, claim as claimed:

@@ -10,8 +10,6 @@ from app.api.routers._params import (
     AUTH, BEARER, check_cursor, cursor_query, idempotency_header, resource_id, responses,
 )
 from app.api.schemas import EditIn, EditList, EditOut, HistoryOut, RebuildOut, RevertOut
-from app.errors import Unprocessable
-from app.methods import base as methods
 from app.runtime import Runtime
 from app.services.edits import EditInput
 from app.services.keys import Principal
@@ -32,7 +30,6 @@ async def create_edit(
     who: Principal = Depends(deps.editor),
     idempotency_key: str | None = idempotency_header(),
 ) -> EditOut:
-    await run_in_threadpool(check_method_config, rt, body)
     result = await run_in_threadpool(
         rt.edits.create, EditInput(**body.model_dump()), actor=who.key_id, idempotency_key=idempotency_key
     )
@@ -86,23 +83,3 @@ async def revert_edit(
 async def rebuild_selector(rt: Runtime = Depends(deps.runtime), _=Depends(deps.admin)) -> dict:
     n = await run_in_threadpool(rt.sync.rebuild_from_database)
     return {"edits": n}
-
-
-def check_method_config(rt: Runtime, body: EditIn) -> None:
-    """Refuse an unknown method or a config the loaded model cannot take (block indices beyond its
-    depth, ...) with 422 before anything is trained; the service parses the config again."""
-    try:
-        method = methods.get(body.method)
-    except methods.UnknownMethod:
-        return  # the service names the known methods
-    if not method.accepts_edits:
-        return
-    try:
-        config = method.parse_config(body.config)
-        method.check(rt.lm, config)
-    except methods.ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        raise Unprocessable(f"config.{loc}: {first.get('msg')}", code="invalid_config") from None
-    except methods.ConfigError as exc:
-        raise Unprocessable(f"config.{exc}", code="invalid_config") from None
