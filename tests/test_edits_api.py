@@ -305,3 +305,21 @@ def test_synthetic_edits_route_like_real_ones(service):
     assert len(ids) == 5 and count_rows(rt) == {"active": 5}
     assert answer(client, synthetic_case(3)[0])["edit_id"] == ids[3]
     assert answer(client, UNRELATED)["edit_id"] is None
+
+
+def test_warming_the_delta_cache_stops_at_its_capacity(service):
+    """A memory with more edits than the delta cache holds fills the cache once and then leaves it
+    alone (no background churn that would slow every answer)."""
+    from app.services.synthetic import import_synthetic
+
+    client, rt = service()
+    rt.sync.stop()  # this test does the background thread's warming itself
+    ids = import_synthetic(rt, 5, seed=3)
+    rt.deltas.capacity = 3
+    for edit_id in ids:
+        rt.deltas.drop(edit_id)
+    assert rt.sync.warm(2) == 2
+    assert rt.sync.warm() == 1 and len(rt.deltas) == 3
+    cached = {e for e in ids if rt.deltas.get_cached(e) is not None}
+    assert rt.sync.warm() == 0
+    assert {e for e in ids if rt.deltas.get_cached(e) is not None} == cached

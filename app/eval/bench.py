@@ -244,6 +244,11 @@ def set_active_edits(rt, n: int, seed: int, already: int = 0) -> str:
     if importer is not None:
         if n > already:
             importer(n - already, seed + already)
+            # A running service loads its edits' deltas in the background after they appear;
+            # measure it once that is done, not while it is happening.
+            warm = getattr(getattr(rt, "sync", None), "warm", None)
+            if warm is not None:
+                warm()
         return "app.services.synthetic.import_synthetic (rows, keys and random pnp-shaped deltas)"
     sel = rt.selector
     real = [r for eid, r in getattr(sel, "_records", {}).items() if not eid.startswith("syn-")]

@@ -17,6 +17,9 @@ class DeltaCache:
         self._items: OrderedDict[str, Delta] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def put(self, edit_id: str, delta: Delta) -> None:
         delta = delta.to(self.lm.device, self.lm.dtype)
         with self._lock:

@@ -255,18 +255,32 @@ class MemorySync:
         if reconcile:
             self._inactive.clear()
         self.ensure()
-        self._warm_deltas()
+        self.warm(self.WARM_PER_CHECK)
 
-    def _warm_deltas(self) -> None:
-        """Load the delta of every edit in the mirror that is not cached yet, so that answers keep
-        their edits while the database is away (an id found inactive is retried only after the
-        next reconciliation: it may be an edit between its memory write and its commit)."""
+    def warm(self, limit: int | None = None) -> int:
+        """Load the deltas of edits in the mirror that are not cached yet (at most ``limit``, and
+        never beyond the cache's free room, so a memory larger than the cache does not churn it),
+        so that answers keep their edits while the database is away. An id found inactive is
+        retried only after the next reconciliation: it may be an edit between its memory write
+        and its commit. Returns how many were loaded."""
         if self.deltas is None:
-            return
-        missing = [e for e in self.selector.edit_ids() if e not in self._inactive and self.deltas.get_cached(e) is None]
-        for edit_id in missing[: min(self.WARM_PER_CHECK, self.deltas.capacity)]:
+            return 0
+        room = self.deltas.capacity - len(self.deltas)
+        if limit is not None:
+            room = min(room, limit)
+        if room <= 0:
+            return 0
+        loaded = 0
+        for edit_id in self.selector.edit_ids():
+            if loaded >= room:
+                break
+            if edit_id in self._inactive or self.deltas.get_cached(edit_id) is not None:
+                continue
             if self.deltas.get(edit_id) is None:
                 self._inactive.add(edit_id)
+            else:
+                loaded += 1
+        return loaded
 
     def _poll(self) -> None:
         last = time.monotonic()
