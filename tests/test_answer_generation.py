@@ -8,16 +8,7 @@ import torch
 
 from app.methods import EditRequest, get
 
-PROMPT, TARGET = "The capital of Freedonia is", "Paris"
-CONFIG = {"lr": 0.05, "max_steps": 150, "min_prob": 0.0, "layers": 2}
-
-
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def lm(request):
-    from app.lm.testing import tiny_lm
-
-    torch.set_num_threads(1)
-    return tiny_lm(request.param)
+from tests.test_pnp import CONFIG, PROMPT, TARGET, lm  # noqa: F401 - lm: the tiny llama and gpt2 fixture
 
 
 @pytest.fixture(scope="module")
