@@ -187,9 +187,10 @@ class LM:
         target = target.strip()
         deltas = list(deltas or [])
         ids = [self.prompt_ids(p, mode) for p in prompts]
-        if not target or not deltas:
-            return self.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, deltas=deltas,
-                                 do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        if not target or not deltas:  # nothing to write first: plain generation
+            with self._lock:
+                return [self._generation(r) for r in self._generate_ids(ids, max_new_tokens, deltas, **sampling)]
         budget = min(max_new_tokens, max(len(self.target_ids(p, target, mode)) for p in prompts) + slack)
         stop = _TargetWritten(self, target, [len(i) for i in ids])
         with self._lock:
@@ -213,8 +214,8 @@ class LM:
                     [max_new_tokens - len(heads[i]) for i in todo],
                     None,
                     bad_words=self._target_forms(target),
-                    do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
                     first_step=first_step,
+                    **sampling,
                 )
                 for i, tail in zip(todo, rest):
                     written[i] = heads[i] + tail

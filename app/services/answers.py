@@ -73,19 +73,13 @@ class AnswerService:
         texts: list[str] = [""] * len(queries)
         for edit_id, idx in groups.items():
             delta = self.deltas.get_cached(edit_id) if edit_id else None
-            sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
-            target = delta.meta.get("target") if delta is not None else None
-            if target:
-                # The adapter writes the target; the base model writes the rest of the answer.
-                gens = self.lm.generate_edited(
-                    [queries[i] for i in idx], target, max_new_tokens=max_new_tokens, mode=mode,
-                    deltas=[delta], **sampling,
-                )
-            else:
-                gens = self.lm.generate(
-                    [queries[i] for i in idx], max_new_tokens=max_new_tokens, mode=mode,
-                    deltas=[delta] if delta is not None else None, **sampling,
-                )
+            # An edit's adapter writes its target; the base model writes the rest of the answer.
+            target = (delta.meta.get("target") or "") if delta is not None else ""
+            gens = self.lm.generate_edited(
+                [queries[i] for i in idx], target, max_new_tokens=max_new_tokens, mode=mode,
+                deltas=[delta] if delta is not None else None,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+            )
             for i, g in zip(idx, gens):
                 texts[i] = g.text.strip()
         ms = (time.perf_counter() - t0) * 1000
