@@ -80,3 +80,14 @@ def test_no_room_or_no_delta_is_plain_generation(lm, edit):
     assert short.token_ids == target_ids[:1]
     plain = lm.generate([PROMPT], max_new_tokens=6, mode="completion")[0]
     assert lm.generate_edited([PROMPT], TARGET, max_new_tokens=6, mode="completion", deltas=[])[0] == plain
+
+
+def test_no_spelling_of_the_target_is_written_again(lm):
+    """"soprano" answered, "Soprano" or "SOPRANO" later is the same word written again: every
+    spelling, after a space or not, is kept from the base model's continuation."""
+    forms = lm._target_forms("soprano")
+    for spelling in ("soprano", "Soprano", "SOPRANO"):
+        for text in (spelling, " " + spelling):
+            assert lm.tokenizer(text, add_special_tokens=False).input_ids in forms
+    title = lm._target_forms("doctor who")
+    assert lm.tokenizer(" Doctor Who", add_special_tokens=False).input_ids in title

@@ -35,6 +35,21 @@ def test_repetitive_text_has_lower_entropy_than_varied_text():
     assert M.relative_change(3.0, 4.0) == pytest.approx(-0.25) and M.relative_change(1.0, None) is None
 
 
+def test_equal_length_entropy_sees_repetition_but_not_brevity():
+    base = "The UK prime minister is Keir Starmer, who leads the Labour Party and took office in July 2024."
+    short = "Keir Starmer."
+    stutter = "Keir Starmer, Keir Starmer, Keir Starmer, Keir Starmer, Keir Starmer, Keir Starmer, Keir Starmer."
+    # Raw entropy punishes the short, correct answer as much as length does ...
+    assert M.compute_n_gram_entropy(short) < 0.5 * M.compute_n_gram_entropy(base)
+    # ... at equal length it is as fluent as the base model's first words,
+    e, b = M.matched_n_gram_entropy([(short, base)])
+    assert e == pytest.approx(b)
+    # while a repeated target still scores far below the base model's words.
+    e, b = M.matched_n_gram_entropy([(stutter, base)])
+    assert e < 0.7 * b
+    assert M.matched_n_gram_entropy([]) is None
+
+
 def test_mentions_repeats_and_free_form_reliability():
     assert M.count_mentions("Keir Starmer, keir  starmer and Keir Starmers", "Keir Starmer") == 2
     assert M.repeats_target(" Keir Starmer, Keir Starmer", "Keir Starmer")

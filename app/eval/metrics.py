@@ -252,7 +252,12 @@ def compute_n_gram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Seque
     except the tokenizer; an n with no n-gram (a text shorter than n words) contributes 0 where
     ROME's would give NaN.
     """
-    tokens = word_tokens(text)
+    return tokens_n_gram_entropy(word_tokens(text), ns, weights)
+
+
+def tokens_n_gram_entropy(tokens: Sequence[str], ns: Sequence[int] = (2, 3),
+                          weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """``compute_n_gram_entropy`` of a text already split into words."""
     values = []
     for n, w in zip(ns, weights):
         grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
@@ -270,6 +275,25 @@ def n_gram_entropy(texts: Sequence[str]) -> float | None:
     if not len(texts):
         return None
     return float(np.mean([compute_n_gram_entropy(t) for t in texts]))
+
+
+def matched_n_gram_entropy(pairs: Sequence[tuple[str, str]]) -> tuple[float, float] | None:
+    """Generation entropy of (edited, base) answer pairs compared at equal length: each pair is cut
+    to the words of its shorter answer, then ROME's entropy is taken of both (means over pairs).
+
+    ROME generates a fixed number of tokens; answers here end where the model ends them, and a
+    text's n-gram entropy grows with its length, so "Keir Starmer." scores below a base answer of
+    three sentences without being any less fluent. Cut to equal length, a repeated target
+    ("Keir Starmer, Keir Starmer, ...") still scores far below the base model's words."""
+    edited, base = [], []
+    for e, b in pairs:
+        te, tb = word_tokens(e), word_tokens(b)
+        k = min(len(te), len(tb))
+        edited.append(tokens_n_gram_entropy(te[:k]))
+        base.append(tokens_n_gram_entropy(tb[:k]))
+    if not edited:
+        return None
+    return float(np.mean(edited)), float(np.mean(base))
 
 
 def relative_change(edited: float | None, base: float | None) -> float | None:

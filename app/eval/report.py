@@ -19,7 +19,7 @@ SHORT_LABELS = {"reliability (TF)": "rel TF", "reliability (greedy EM)": "rel EM
                 "generalization (greedy EM)": "gen EM", "locality (TF)": "loc TF", "locality (greedy EM)": "loc EM",
                 "perf. deterioration": "PD", "held acc": "held", "subject locality (greedy EM)": "subj loc",
                 "repeat rate": "repeat", "reliability (free, chat)": "rel free", "fluency GE (x100)": "GE",
-                "GE vs base": "GE Δ"}
+                "GE vs base": "GE Δ", "GE vs base, equal length": "GE Δ (eq. len)"}
 METRIC_COLUMNS: list[tuple[str, str]] = [
     ("rel_tf", "reliability (TF)"),
     ("rel_em", "reliability (greedy EM)"),
@@ -99,13 +99,13 @@ def ge_cells(row: dict[str, Any]) -> list[str]:
     f = row.get("fluency") or {}
     ge = f.get("ge")
     cell = "n/a" if not ge or ge.get("mean") is None else f"{ge['mean']:.1f} [{ge['low']:.1f}, {ge['high']:.1f}]"
-    change = f.get("ge_change")
-    return [cell, "n/a" if change is None else f"{100 * change:+.1f}%"]
+    pct = lambda change: "n/a" if change is None else f"{100 * change:+.1f}%"  # noqa: E731
+    return [cell, pct(f.get("ge_change")), pct(f.get("ge_matched_change"))]
 
 
 def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = (["run", "n"] + [label for _, label in METRIC_COLUMNS] + [label for _, label in USER_COLUMNS]
-              + ["fluency GE (x100)", "GE vs base", "held acc", "perf. deterioration", "F/U"])
+              + ["fluency GE (x100)", "GE vs base", "GE vs base, equal length", "held acc", "perf. deterioration", "F/U"])
     rows = []
     for row in results["rows"]:
         rows.append([row["name"], str(row["n"])] + [stat_cell(row.get(k)) for k, _ in METRIC_COLUMNS]
@@ -184,7 +184,10 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         f"(first {cfg['locality_tokens']} tokens identical). Fluency is ROME's generation entropy "
         "(weighted 2-/3-gram entropy, x100) of "
         f"{cfg.get('fluency_tokens', 100)}-token greedy answers to the edit prompts and paraphrases; GE vs base is "
-        "its relative change from the base model's answers to the same prompts. Repeat rate: share of those "
+        "its relative change from the base model's answers to the same prompts; at equal length, each edited "
+        "answer and the base model's answer to the same prompt are cut to the words of the shorter one first "
+        "(answers end where the model ends them, and entropy grows with length: a short answer is not a "
+        "disfluent one). Repeat rate: share of those "
         "answers naming the target more than once. Free-form reliability: the chat answer, written until the "
         f"model stops (at most {cfg.get('free_tokens', 64)} tokens), names the target exactly once; it is always "
         "measured in chat form and shown in the chat row (or the only row).",

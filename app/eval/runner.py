@@ -389,6 +389,13 @@ class Runner:
             ge_base = M.mean_or_none([b.ge for r, b in zip(results, base) if r.ge is not None and b.ge is not None])
         row["fluency"] = {"ge": ge, "ge_base": ge_base, "ge_change": M.relative_change(ge["mean"], ge_base),
                           "answers": sum(len(r.long_answers or []) for r in results)}
+        if base is not None:
+            pairs = [(e, b) for r, c in zip(results, base) if r.long_answers and c.long_answers
+                     and len(r.long_answers) == len(c.long_answers) for e, b in zip(r.long_answers, c.long_answers)]
+            matched = M.matched_n_gram_entropy(pairs)
+            if matched is not None:
+                row["fluency"].update(ge_matched=100.0 * matched[0], ge_matched_base=100.0 * matched[1],
+                                      ge_matched_change=M.relative_change(*matched))
         row["repeat_rate"] = summ([f for r in results for f in (r.repeats or [])])
         row["rel_free"] = summ([r.rel_free for r in results])
         row.update(extra)

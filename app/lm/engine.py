@@ -230,12 +230,15 @@ class LM:
         return None
 
     def _target_forms(self, target: str) -> list[list[int]]:
-        """Token sequences of the target as it may be written again (after a space or not)."""
+        """Token sequences of the target as it may be written again: as given, lower case,
+        capitalised, title case and upper case, each after a space or not ("Soprano" after
+        "soprano" is the same word written again)."""
         forms = []
-        for text in (target, " " + target):
-            seq = self.tokenizer(text, add_special_tokens=False).input_ids
-            if seq and seq not in forms:
-                forms.append(seq)
+        for variant in dict.fromkeys(target_spellings(target)):
+            for text in (variant, " " + variant):
+                seq = self.tokenizer(text, add_special_tokens=False).input_ids
+                if seq and seq not in forms:
+                    forms.append(seq)
         return forms
 
     @torch.inference_mode()
@@ -364,6 +367,17 @@ class LM:
                 ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
                 attn[i, : len(s)] = 1
         return ids.to(self.device), attn.to(self.device)
+
+
+def target_spellings(target: str) -> list[str]:
+    """The ways one target is written in running text: as given, lower case, capitalised
+    ("Soprano"), title case ("Doctor Who") and upper case."""
+    target = target.strip()
+    if not target:
+        return []
+    return list(dict.fromkeys([
+        target, target.lower(), target[0].upper() + target[1:], target.title(), target.upper(),
+    ]))
 
 
 class _TargetWritten(StoppingCriteria):
