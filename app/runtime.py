@@ -61,7 +61,7 @@ class Runtime:
         memory = build_memory(settings.redis_url, settings.redis_prefix)
         deltas = DeltaCache(db, lm)
         sync = MemorySync(db, memory, selector, deltas=deltas)
-        answers = AnswerService(lm, selector, deltas)
+        answers = AnswerService(lm, selector, deltas, chat_end=settings.edited_chat_end)
         edits = EditService(db, lm, selector, sync, deltas, answers)
         jobs = JobRunner(db)
         calibrations = CalibrationService(db, lm, jobs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +54,11 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=256, ge=1, description="Largest `max_new_tokens` a caller may ask for.")
     default_max_new_tokens: int = Field(default=24, ge=1, description="`max_new_tokens` when the caller gives none.")
     max_batch: int = Field(default=32, ge=1, description="Most queries in one `POST /answer` batch.")
+    edited_chat_end: Literal["sentence", "budget"] = Field(
+        default="sentence",
+        description="How an edited answer in chat form ends: `sentence` (with the sentence that names the edit's "
+        "target) or `budget` (the base model goes on up to `max_new_tokens`). Completion form always goes on.",
+    )
     selector_encoder: str = Field(
         default="auto",
         description="Selector key embedding: `auto` (the measured default), `minilm` (sentence encoder from "

@@ -91,3 +91,38 @@ def test_no_spelling_of_the_target_is_written_again(lm):
             assert lm.tokenizer(text, add_special_tokens=False).input_ids in forms
     title = lm._target_forms("doctor who")
     assert lm.tokenizer(" Doctor Who", add_special_tokens=False).input_ids in title
+
+
+def test_a_sentence_answer_is_the_budget_answer_cut_at_its_first_sentence_end(lm, edit, monkeypatch):
+    """``end="sentence"`` stops where the sentence begun by the target ends and keeps nothing after
+    it. The tiny model writes no prose, so here every word ends a sentence."""
+    import app.lm.engine as engine
+
+    monkeypatch.setattr(engine, "_SENTENCE_END", __import__("re").compile(r"\S(?=\s)"))
+    monkeypatch.setattr(engine, "_SENTENCE_END_FINAL", __import__("re").compile(r"\S(?=\s|$)"))
+    monkeypatch.setattr(engine, "_ABBREVIATIONS", set())
+    n = 16
+    long = lm.generate_edited([PROMPT], TARGET, max_new_tokens=n, mode="completion", deltas=[edit], end="budget")[0]
+    short = lm.generate_edited([PROMPT], TARGET, max_new_tokens=n, mode="completion", deltas=[edit], end="sentence")[0]
+    assert long.token_ids[: len(short.token_ids)] == short.token_ids
+    head = lm.target_ids(PROMPT, TARGET, "completion")
+    head_text = lm.tokenizer.decode(head, skip_special_tokens=True)
+    tail = lm.tokenizer.decode(long.token_ids[len(head):], skip_special_tokens=True)
+    at = engine.sentence_end(head_text, tail, final=True)
+    assert at is not None, tail  # the tiny model's tail has a word in it
+    got = lm.tokenizer.decode(short.token_ids[len(head):], skip_special_tokens=True)
+    assert got.rstrip() == tail[:at].rstrip(), (got, tail, at)
+    assert len(short.token_ids) < len(long.token_ids)
+
+
+def test_chat_answers_end_with_their_sentence_and_completions_go_on():
+    from app.lm.engine import sentence_end
+
+    assert sentence_end("Keir Starmer", ". He leads the Labour Party.") == 1
+    assert sentence_end("Keir Starmer", ", born in the U.S. in 1962. He") == len(", born in the U.S. in 1962.")
+    assert sentence_end("Keir Starmer", " (Mr. Starmer) leads. Then") == len(" (Mr. Starmer) leads.")
+    assert sentence_end("Keir Starmer", ' said "yes." Then') == len(' said "yes."')
+    assert sentence_end("Keir Starmer", "\n\nHe") == 0
+    assert sentence_end("Keir Starmer", " is the prime minister") is None
+    assert sentence_end("Keir Starmer", " is the prime minister.") is None  # may still go on ("... minister.5")
+    assert sentence_end("Keir Starmer", " is the prime minister.", final=True) == len(" is the prime minister.")

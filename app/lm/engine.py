@@ -9,6 +9,7 @@ edited query, one low-rank product per adapted module.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -175,6 +176,7 @@ class LM:
         top_p: float = 1.0,
         seed: int | None = None,
         slack: int = 8,
+        end: AnswerEnd | None = None,
     ) -> list[Generation]:
         """Answers of an edit: ``deltas`` write the answer until ``target`` is written (greedy,
         at most its length plus ``slack`` tokens), then the base model alone goes on from the
@@ -182,8 +184,16 @@ class LM:
 
         An edit's adapter is trained to put its target first; left to write the rest, it keeps
         writing it ("Keir Starmer, Keir Starmer, ..."). From the end of the target on, the answer
-        is the base model's own continuation of a text that states the edited fact."""
+        is the base model's own continuation of a text that states the edited fact.
+
+        ``end``: "sentence" ends the answer with the sentence that names the target ("Keir
+        Starmer." / "Keir Starmer is the prime minister of the United Kingdom."); "budget" lets
+        the base model write up to ``max_new_tokens``. Unset: "sentence" in chat form, where an
+        answer is a reply, and "budget" in completion form, where it is a continuation. The base
+        model still holds the old fact, and the sentences it would write next are where it says so
+        ("... since 2022 as leader of the Conservative Party")."""
         mode = mode or self.default_mode()
+        end = end or ("sentence" if mode == "chat" else "budget")
         target = target.strip()
         deltas = list(deltas or [])
         ids = [self.prompt_ids(p, mode) for p in prompts]
@@ -209,17 +219,33 @@ class LM:
                 # A target that ends in a letter or digit ends there: the next token starts a new
                 # word ("Sega", not "SegaMX"), as the adapter was trained to write it.
                 first_step = _NewWord(self.word_boundary_mask()) if target[-1].isalnum() else None
+                heads_text = [self.tokenizer.decode(heads[i], skip_special_tokens=True) for i in todo]
+                stop = _SentenceEnd(self, heads_text) if end == "sentence" else None
                 rest = self._generate_ids(
                     [ids[i] + heads[i] for i in todo],
                     [max_new_tokens - len(heads[i]) for i in todo],
                     None,
                     bad_words=self._target_forms(target),
                     first_step=first_step,
+                    stopping=stop,
                     **sampling,
                 )
-                for i, tail in zip(todo, rest):
+                for i, head, tail in zip(todo, heads_text, rest):
+                    if stop is not None:
+                        tail = tail[: self._sentence_cut(head, tail)]
                     written[i] = heads[i] + tail
         return [self._generation(r) for r in written]
+
+    def _sentence_cut(self, head: str, tail: Sequence[int]) -> int:
+        """Tokens of ``tail`` up to the end of the sentence that ``head`` begins (all if it goes on)."""
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        at = sentence_end(head, text, final=True)
+        if at is None:
+            return len(tail)
+        for k in range(len(tail) + 1):
+            if len(self.tokenizer.decode(tail[:k], skip_special_tokens=True).rstrip()) >= at:
+                return k
+        return len(tail)
 
     def _target_end(self, row: Sequence[int], target: str) -> int | None:
         """Tokens of ``row`` up to the end of the first whole occurrence of ``target`` (None if absent)."""
@@ -367,6 +393,53 @@ class LM:
                 ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
                 attn[i, : len(s)] = 1
         return ids.to(self.device), attn.to(self.device)
+
+
+AnswerEnd = Literal["sentence", "budget"]
+
+# A sentence ends at ".", "!" or "?" (with closing quotes or brackets) before white space, or at a
+# line break; not at the period of an initial ("J. K.", "U.S.") or of a common abbreviation.
+_CLOSE = r"[.!?…]+[\"'”’)\]]*"
+_SENTENCE_END = re.compile(_CLOSE + r"(?=\s)|\n")
+_SENTENCE_END_FINAL = re.compile(_CLOSE + r"(?=\s|$)|\n")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "no", "inc", "ltd", "co", "mt", "prof",
+                  "gen", "col", "lt", "sgt", "approx"}
+
+
+def sentence_end(head: str, text: str, *, final: bool = False) -> int | None:
+    """Where in ``text`` (written after ``head``) the sentence that ``head`` began ends: the index
+    just past its closing punctuation, or of the line break; None while it goes on. ``final``:
+    ``text`` is all there is, so a closing mark at its very end counts too."""
+    pattern = _SENTENCE_END_FINAL if final else _SENTENCE_END
+    for m in pattern.finditer(text):
+        if m.group() == "\n":
+            if (head + text[: m.start()]).strip():
+                return m.start()
+            continue
+        before = (head + text[: m.start()]).split()
+        word = before[-1].strip("([{\"'“‘").rstrip(".").lower() if before else ""
+        if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()) or re.fullmatch(r"(\w\.)+\w", word):
+            continue
+        return m.end()
+    return None
+
+
+class _SentenceEnd(StoppingCriteria):
+    """Stops each row of a batch once the sentence its head began has ended (or the row ended)."""
+
+    def __init__(self, lm: LM, heads: Sequence[str]):
+        self.lm, self.heads = lm, list(heads)
+        self.width: int | None = None
+        self.eos = lm._stop_ids()
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.width is None:  # the first call comes after one new token
+            self.width = input_ids.shape[1] - 1
+        done = []
+        for head, row in zip(self.heads, input_ids[:, self.width :].tolist()):
+            ended = any(t in self.eos for t in row)
+            done.append(ended or sentence_end(head, self.lm.tokenizer.decode(row, skip_special_tokens=True)) is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def target_spellings(target: str) -> list[str]:

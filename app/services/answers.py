@@ -8,7 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from app.lm.engine import LM, Mode
+from app.lm.engine import LM, AnswerEnd, Mode
 from app.services.deltas import DeltaCache
 
 
@@ -37,10 +37,11 @@ class Routed:
 
 
 class AnswerService:
-    def __init__(self, lm: LM, selector, deltas: DeltaCache):
+    def __init__(self, lm: LM, selector, deltas: DeltaCache, *, chat_end: AnswerEnd = "sentence"):
         self.lm = lm
         self.selector = selector
         self.deltas = deltas
+        self.chat_end = chat_end  # how an edited chat answer ends (LM.generate_edited's ``end``)
 
     def route(self, queries: Sequence[str]) -> list[Routed]:
         routes = self.selector.route_many(list(queries))
@@ -69,6 +70,8 @@ class AnswerService:
         seed: int | None = None,
     ) -> list[Answer]:
         t0 = time.perf_counter()
+        mode = mode or self.lm.default_mode()
+        end: AnswerEnd = self.chat_end if mode == "chat" else "budget"
         routes, groups = self._groups(queries)
         texts: list[str] = [""] * len(queries)
         for edit_id, idx in groups.items():
@@ -78,7 +81,7 @@ class AnswerService:
             gens = self.lm.generate_edited(
                 [queries[i] for i in idx], target, max_new_tokens=max_new_tokens, mode=mode,
                 deltas=[delta] if delta is not None else None,
-                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, end=end,
             )
             for i, g in zip(idx, gens):
                 texts[i] = g.text.strip()
