@@ -74,6 +74,31 @@ def test_a_batch_answers_each_prompt_as_alone(lm, edit):
         assert len(got.token_ids) <= 10
 
 
+@pytest.fixture(scope="module")
+def other_edit(lm):
+    method = get("pnp")
+    result = method.fit(lm, EditRequest("The river of Sylvania is the", "Danube", modes=("completion",)),
+                        method.parse_config(CONFIG))
+    assert result.info["converged"]
+    return result.delta
+
+
+def test_answers_of_different_edits_in_one_batch_are_each_as_alone(lm, edit, other_edit):
+    """Each edit's adapter acts on its own rows of the batch only, and each row keeps its own
+    target from the base model's continuation."""
+    rows = [(PROMPT, TARGET, edit), ("The river of Sylvania is the", "Danube", other_edit),
+            ("Tell me, " + PROMPT, TARGET, edit)]
+    batch = lm.generate_edited_rows([p for p, _, _ in rows], [t for _, t, _ in rows], [d for _, _, d in rows],
+                                    max_new_tokens=10, mode="completion")
+    for (p, t, d), got in zip(rows, batch):
+        alone = lm.generate_edited([p], t, max_new_tokens=10, mode="completion", deltas=[d])[0]
+        assert got.token_ids == alone.token_ids, (p, got.text, alone.text)
+    assert batch[0].text.count(TARGET) == 1 and batch[1].text.count("Danube") == 1
+    # The other edit's adapter alone does not write this edit's target: the rows did not mix.
+    crossed = lm.generate_edited_rows([PROMPT], [TARGET], [other_edit], max_new_tokens=10, mode="completion")[0]
+    assert crossed.token_ids != batch[0].token_ids
+
+
 def test_no_room_or_no_delta_is_plain_generation(lm, edit):
     target_ids = lm.target_ids(PROMPT, TARGET, "completion")
     short = lm.generate_edited([PROMPT], TARGET, max_new_tokens=1, mode="completion", deltas=[edit])[0]

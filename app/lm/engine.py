@@ -90,11 +90,13 @@ class LM:
         return next(self.model.parameters()).dtype
 
     @contextmanager
-    def active(self, deltas: Iterable[Delta] | None = None, *, include_global: bool = True) -> Iterator[None]:
-        """Deltas active in this thread for the block: the global ones, then ``deltas``."""
+    def active(self, deltas: Iterable[Delta] | None = None, *, include_global: bool = True,
+               rows: Sequence[Delta | None] | None = None) -> Iterator[None]:
+        """Deltas active in this thread for the block: the global ones, then ``deltas``, on every
+        row of a batch; ``rows``: per row of the batch, a delta on that row alone (or None)."""
         chosen = list(self._global.values()) if include_global else []
         chosen += [d for d in (deltas or []) if d is not None]
-        with self.hooks.active(chosen):
+        with self.hooks.active(chosen), self.hooks.active_rows(rows or [], self.device):
             yield
 
     # -- text forms ----------------------------------------------------------------------------
@@ -193,20 +195,47 @@ class LM:
         model still holds the old fact, and the sentences it would write next are where it says so
         ("... since 2022 as leader of the Conservative Party")."""
         mode = mode or self.default_mode()
-        end = end or ("sentence" if mode == "chat" else "budget")
-        target = target.strip()
         deltas = list(deltas or [])
+        if not target.strip() or not deltas:  # nothing to write first: plain generation
+            return self.generate(prompts, max_new_tokens=max_new_tokens, mode=mode, deltas=deltas,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        return self.generate_edited_rows(
+            prompts, [target] * len(prompts), [None] * len(prompts), max_new_tokens=max_new_tokens, mode=mode,
+            deltas=deltas, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, slack=slack, end=end)
+
+    def generate_edited_rows(
+        self,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        row_deltas: Sequence[Delta | None],
+        *,
+        max_new_tokens: int = 24,
+        mode: Mode | None = None,
+        deltas: Iterable[Delta] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        slack: int = 8,
+        end: AnswerEnd | None = None,
+    ) -> list[Generation]:
+        """``generate_edited`` for a batch of answers of different edits, in one batch: row i is
+        written by ``row_deltas[i]`` (with ``deltas`` on every row) until ``targets[i]`` is written,
+        then by the base model, which never writes that row's target again. Each row is answered
+        as it would be alone."""
+        mode = mode or self.default_mode()
+        end = end or ("sentence" if mode == "chat" else "budget")
+        targets = [t.strip() for t in targets]
+        if not all(targets):
+            raise ValueError("every row of an edited answer needs its target")
         ids = [self.prompt_ids(p, mode) for p in prompts]
         sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
-        if not target or not deltas:  # nothing to write first: plain generation
-            with self._lock:
-                return [self._generation(r) for r in self._generate_ids(ids, max_new_tokens, deltas, **sampling)]
-        budget = min(max_new_tokens, max(len(self.target_ids(p, target, mode)) for p in prompts) + slack)
-        stop = _TargetWritten(self, target, [len(i) for i in ids])
+        budgets = [min(max_new_tokens, len(self.target_ids(p, t, mode)) + slack) for p, t in zip(prompts, targets)]
+        stop = _TargetWritten(self, targets, [len(i) for i in ids])
         with self._lock:
-            first = self._generate_ids(ids, budget, deltas, stopping=stop)
+            first = self._generate_ids(ids, budgets, deltas, row_deltas=row_deltas, stopping=stop)
             written, heads = [], []
-            for row in first:
+            for row, target in zip(first, targets):
                 cut = self._target_end(row, target)
                 if cut is None or cut >= max_new_tokens:
                     written.append(row)  # no target (or no room left): the adapter's answer stands
@@ -218,14 +247,15 @@ class LM:
             if todo:
                 # A target that ends in a letter or digit ends there: the next token starts a new
                 # word ("Sega", not "SegaMX"), as the adapter was trained to write it.
-                first_step = _NewWord(self.word_boundary_mask()) if target[-1].isalnum() else None
+                new_word = [targets[i][-1].isalnum() for i in todo]
+                first_step = _NewWord(self.word_boundary_mask(), new_word) if any(new_word) else None
                 heads_text = [self.tokenizer.decode(heads[i], skip_special_tokens=True) for i in todo]
                 stop = _SentenceEnd(self, heads_text) if end == "sentence" else None
                 rest = self._generate_ids(
                     [ids[i] + heads[i] for i in todo],
                     [max_new_tokens - len(heads[i]) for i in todo],
                     None,
-                    bad_words=self._target_forms(target),
+                    bad_words=[self._target_forms(targets[i]) for i in todo],
                     first_step=first_step,
                     stopping=stop,
                     **sampling,
@@ -278,12 +308,15 @@ class LM:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
-        bad_words: list[list[int]] | None = None,
+        bad_words: Sequence[list[list[int]]] | None = None,
         stopping=None,
         first_step=None,
+        row_deltas: Sequence[Delta | None] | None = None,
     ) -> list[list[int]]:
         """New token ids per prompt (left-padded batch, cut at the first end-of-text token); a list
-        of ``max_new_tokens`` gives each row its own budget. Call with the lock held."""
+        of ``max_new_tokens`` gives each row its own budget; ``bad_words``: per row, token
+        sequences it may not write; ``row_deltas``: per row, a delta on that row alone (beside
+        ``deltas``, on every row). Call with the lock held."""
         budgets = [max_new_tokens] * len(ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         longest = max(budgets)
         if longest <= 0:
@@ -294,14 +327,17 @@ class LM:
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if bad_words:
-            kwargs["bad_words_ids"] = bad_words
+        processors = LogitsProcessorList()
+        if bad_words and any(bad_words):
+            processors.append(_RowBadWords(bad_words))
         if stopping is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
         if first_step is not None:
             first_step.width = input_ids.shape[1]
-            kwargs["logits_processor"] = LogitsProcessorList([first_step])
-        with self.active(deltas):
+            processors.append(first_step)
+        if processors:
+            kwargs["logits_processor"] = processors
+        with self.active(deltas, rows=row_deltas):
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
@@ -454,29 +490,51 @@ def target_spellings(target: str) -> list[str]:
 
 
 class _TargetWritten(StoppingCriteria):
-    """Stops each row of a batch once it has written ``target`` (or ended)."""
+    """Stops each row of a batch once it has written its target (or ended)."""
 
-    def __init__(self, lm: LM, target: str, prompt_lens: Sequence[int]):
-        self.lm, self.want = lm, target.casefold()
+    def __init__(self, lm: LM, targets: Sequence[str], prompt_lens: Sequence[int]):
+        self.lm, self.want = lm, [t.casefold() for t in targets]
         self.width = max(prompt_lens)
         self.eos = lm._stop_ids()
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = []
-        for row in input_ids[:, self.width :].tolist():
-            done.append(any(t in self.eos for t in row) or self.want in self.lm.tokenizer.decode(row, skip_special_tokens=True).casefold())
-        flags = torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-        return flags
+        for want, row in zip(self.want, input_ids[:, self.width :].tolist()):
+            done.append(any(t in self.eos for t in row) or want in self.lm.tokenizer.decode(row, skip_special_tokens=True).casefold())
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _RowBadWords(LogitsProcessor):
+    """Per row of a batch, token sequences it may not write (``bad_words_ids``, one list a row)."""
+
+    def __init__(self, forms: Sequence[Sequence[Sequence[int]]]):
+        self.forms = [[list(f) for f in row if f] for row in forms]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for r, forms in enumerate(self.forms):
+            banned = []
+            for seq in forms:
+                k = len(seq) - 1
+                if k == 0 or (input_ids.shape[1] >= k and input_ids[r, -k:].tolist() == seq[:-1]):
+                    banned.append(seq[-1])
+            if banned:
+                scores[r, banned] = float("-inf")
+        return scores
 
 
 class _NewWord(LogitsProcessor):
-    """At the first generated step only, allows just the tokens that start a new word."""
+    """At the first generated step only, allows just the tokens that start a new word (on the
+    rows flagged in ``rows``; all rows when unset)."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, rows: Sequence[bool] | None = None):
         self.mask = mask
+        self.rows = None if rows is None else torch.tensor(list(rows), dtype=torch.bool, device=mask.device)
         self.width = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] != self.width:
             return scores
-        return scores.masked_fill(~self.mask[: scores.shape[-1]], float("-inf"))
+        block = ~self.mask[: scores.shape[-1]].unsqueeze(0)
+        if self.rows is not None:
+            block = block & self.rows.unsqueeze(1)
+        return scores.masked_fill(block, float("-inf"))

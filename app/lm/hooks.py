@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,11 @@ class DeltaHooks:
                 return None
             x = inputs[0]
             out = output[0] if isinstance(output, tuple) else output
-            for delta in entries:
-                out = out + _contribution(delta, path, x).to(out.dtype)
+            for delta, rows in entries:
+                if rows is None:
+                    out = out + _contribution(delta, path, x).to(out.dtype)
+                else:  # this delta serves some rows of the batch only
+                    out = out.index_add(0, rows, _contribution(delta, path, x.index_select(0, rows)).to(out.dtype))
             if isinstance(output, tuple):
                 return (out,) + tuple(output[1:])
             return out
@@ -67,15 +70,35 @@ class DeltaHooks:
     def active(self, deltas: Iterable[Delta] | None) -> Iterator[None]:
         """Make ``deltas`` active in this thread for the duration of the block (nesting adds)."""
         deltas = [d for d in (deltas or []) if d is not None]
-        previous = getattr(self._local, "active", None)
         if not deltas:
             yield
             return
-        mapping: dict[str, list[Delta]] = {k: list(v) for k, v in (previous or {}).items()}
-        for delta in deltas:
+        with self._activated([(d, None) for d in deltas]):
+            yield
+
+    @contextmanager
+    def active_rows(self, rows: Sequence[Delta | None], device=None) -> Iterator[None]:
+        """Per row of a batch, a delta active on that row alone (None: none), in this thread, for
+        the block: one batch answers queries that different edits serve."""
+        by_delta: dict[int, tuple[Delta, list[int]]] = {}
+        for i, delta in enumerate(rows):
+            if delta is not None:
+                by_delta.setdefault(id(delta), (delta, []))[1].append(i)
+        if not by_delta:
+            yield
+            return
+        entries = [(d, torch.tensor(idx, dtype=torch.long, device=device)) for d, idx in by_delta.values()]
+        with self._activated(entries):
+            yield
+
+    @contextmanager
+    def _activated(self, entries: list[tuple[Delta, torch.Tensor | None]]) -> Iterator[None]:
+        previous = getattr(self._local, "active", None)
+        mapping: dict[str, list[tuple[Delta, torch.Tensor | None]]] = {k: list(v) for k, v in (previous or {}).items()}
+        for delta, rows in entries:
             for path in delta.modules():
                 self._ensure_hook(path)
-                mapping.setdefault(path, []).append(delta)
+                mapping.setdefault(path, []).append((delta, rows))
         self._local.active = mapping
         try:
             yield

@@ -74,16 +74,27 @@ class AnswerService:
         end: AnswerEnd = self.chat_end if mode == "chat" else "budget"
         routes, groups = self._groups(queries)
         texts: list[str] = [""] * len(queries)
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        edited, row_deltas, targets = [], [], []
         for edit_id, idx in groups.items():
             delta = self.deltas.get_cached(edit_id) if edit_id else None
-            # An edit's adapter writes its target; the base model writes the rest of the answer.
-            target = (delta.meta.get("target") or "") if delta is not None else ""
-            gens = self.lm.generate_edited(
-                [queries[i] for i in idx], target, max_new_tokens=max_new_tokens, mode=mode,
-                deltas=[delta] if delta is not None else None,
-                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, end=end,
-            )
-            for i, g in zip(idx, gens):
+            target = (delta.meta.get("target") or "").strip() if delta is not None else ""
+            if delta is None or not target:  # the base model, or a delta with no target to write first
+                gens = self.lm.generate([queries[i] for i in idx], max_new_tokens=max_new_tokens, mode=mode,
+                                        deltas=[delta] if delta is not None else None, **sampling)
+                for i, g in zip(idx, gens):
+                    texts[i] = g.text.strip()
+                continue
+            edited += idx
+            row_deltas += [delta] * len(idx)
+            targets += [target] * len(idx)
+        if edited:
+            # One batch for the answers of every edit: each edit's adapter writes its own rows'
+            # target, the base model the rest of every row.
+            gens = self.lm.generate_edited_rows(
+                [queries[i] for i in edited], targets, row_deltas, max_new_tokens=max_new_tokens, mode=mode,
+                end=end, **sampling)
+            for i, g in zip(edited, gens):
                 texts[i] = g.text.strip()
         ms = (time.perf_counter() - t0) * 1000
         return [Answer(t, r.edit_id, r.similarity, self.lm.name, ms) for t, r in zip(texts, routes)]
