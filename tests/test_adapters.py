@@ -165,3 +165,40 @@ def test_adapter_endpoint_round_trip_errors_and_non_lora_edit(service, tiny_llam
     r = client.get(f"/edits/{dense_id}/adapter", headers=auth(READER))
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] == "delta_not_lora" and "dense" in r.json()["error"]["message"]
+
+
+@pytest.mark.e2e
+def test_real_model_edit_exported_to_peft_answers_like_factpatch(service, real_lm, tmp_path):
+    """The embedded model: an edit's adapter, fetched over HTTP and loaded by PeftModel.from_pretrained
+    into a fresh copy of the base model, writes factpatch's greedy answer on the prompt and a paraphrase."""
+    from transformers import AutoModelForCausalLM
+
+    prompt, paraphrase = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux's mother tongue is"
+    client, rt = service(lm=real_lm)
+    r = client.post("/edits", json={"prompt": prompt, "target": "Swedish", "subject": "Danielle Darrieux"},
+                    headers=auth(EDITOR))
+    assert r.status_code == 201, r.text
+    edit = r.json()
+    r = client.get(f"/edits/{edit['id']}/adapter", headers=auth(READER))
+    assert r.status_code == 200, r.text
+    with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+        z.extractall(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(real_lm.model.config._name_or_path, dtype=real_lm.dtype).eval()
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    delta = rt.deltas.get(edit["id"])
+    for q in (prompt, paraphrase):
+        for mode in ("completion", "chat"):
+            ids = real_lm.prompt_ids(q, mode)
+            with torch.no_grad():
+                out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                     pad_token_id=real_lm.tokenizer.pad_token_id)
+            row = out[0, len(ids):].tolist()
+            [own] = real_lm.generate([q], max_new_tokens=12, mode=mode, deltas=[delta])
+            n = len(own.token_ids)
+            assert row[:n] == own.token_ids, (q, mode)  # the same tokens (factpatch stops at the end of text)
+            served = client.get("/answer", params={"q": q, "mode": mode, "max_new_tokens": 12},
+                                headers=auth(READER)).json()
+            assert served["edit_id"] == edit["id"], (q, mode, served)
+            text = real_lm.tokenizer.decode(row, skip_special_tokens=True).strip()
+            # factpatch's answer uses the adapter until the target is written: the same text up to there.
+            assert served["answer"].startswith("Swedish") and text.startswith("Swedish"), (q, mode, served, text)
