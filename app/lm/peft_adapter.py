@@ -89,21 +89,27 @@ def to_peft(delta: Delta, lm, *, base_model: str | None = None) -> PeftAdapter:
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model or str(getattr(lm.model.config, "_name_or_path", "") or lm.name),
         "r": r,
-        "lora_alpha": scale * r,
+        "lora_alpha": _number(scale * r),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out.pop(),
         "target_modules": sorted(ranks),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
     }
+    if rank_pattern:  # written only when needed: some LoRA servers take one rank per adapter
+        config["rank_pattern"] = rank_pattern
+        config["alpha_pattern"] = {k: _number(v) for k, v in alpha_pattern.items()}
     meta = {"format": "pt"}
     return PeftAdapter(config, st_save(tensors, metadata=meta))
+
+
+def _number(x: float) -> int | float:
+    """An integral alpha as an int (engines that read ``lora_alpha`` as an integer take it)."""
+    return int(x) if float(x).is_integer() else float(x)
 
 
 def _exact(path: str) -> str:
