@@ -9,7 +9,7 @@ rsLoRA, no DoRA). Module names are the model's own paths (``model.layers.21.mlp.
 
 Only the tensors travel. factpatch's answer path uses an edit's adapter until the target is
 written and the base model after it (``LM.generate_edited``); a caller of the PEFT adapter gets the
-adapter's own greedy continuation unless it does the same (``docs/adapters.md``).
+adapter's own greedy continuation unless it does the same (``docs/engines-and-clients.md``).
 """
 
 from __future__ import annotations
