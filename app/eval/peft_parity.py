@@ -199,8 +199,9 @@ def report_markdown(data: dict[str, Any]) -> str:
         f"greedy, {s['max_new_tokens']} new tokens; {s['seconds']} s. Date {env.get('date', '?')}, "
         f"commit {env.get('git', {}).get('commit', '?') if isinstance(env.get('git'), dict) else env.get('git', '?')}.",
         "",
-        "| comparison (PEFT adapter in a separate base model vs factpatch) | edits with every query the same | queries the same |",
-        "|---|---|---|",
+        "| comparison (PEFT adapter in a separate base model vs factpatch) | edits with every query the same "
+        "| queries the same | routed queries the same |",
+        "|---|---|---|---|",
     ]
     names = {
         "adapter": "PEFT greedy vs factpatch greedy with the delta applied throughout (token ids)",
@@ -209,9 +210,11 @@ def report_markdown(data: dict[str, Any]) -> str:
         "plain": "PEFT plain greedy vs `/answer`, whole text",
     }
     for c in CHECKS:
-        lines.append(f"| {names[c]} | {s['edits_all_same'][c]}/{n_edits} | {s['queries_same'][c]}/{nq} |")
-    lines += ["", "Queries not routed to their edit get the base model from `/answer`; they count as different "
-              "in the last three rows.", "", "## Differences", ""]
+        lines.append(f"| {names[c]} | {s['edits_all_same'][c]}/{n_edits} | {s['queries_same'][c]}/{nq} "
+                     f"| {s['routed_queries_same'][c]}/{s['routed']} |")
+    lines += ["", "Queries not routed to their edit get the base model's answer from `/answer` (the selector "
+              "turned them away), which no adapter is meant to give; they count as different in the last three "
+              "rows, and the last column leaves them out.", "", "## Differences", ""]
     diffs = 0
     for r in data["edits"]:
         for q in r["queries"]:
