@@ -168,9 +168,11 @@ def test_adapter_endpoint_round_trip_errors_and_non_lora_edit(service, tiny_llam
 
 
 @pytest.mark.e2e
-def test_real_model_edit_exported_to_peft_answers_like_factpatch(service, real_lm, tmp_path):
-    """The embedded model: an edit's adapter, fetched over HTTP and loaded by PeftModel.from_pretrained
-    into a fresh copy of the base model, writes factpatch's greedy answer on the prompt and a paraphrase."""
+def test_real_model_edit_exported_to_peft_answers_like_factpatch(service, real_lm, tmp_path, monkeypatch,
+                                                                 pg_url, schema):
+    """The embedded model: an edit's adapter, fetched over HTTP (and written by ``factpatch export``,
+    the same files) and loaded by PeftModel.from_pretrained into a fresh copy of the base model,
+    writes factpatch's greedy answer on the prompt and a paraphrase."""
     from transformers import AutoModelForCausalLM
 
     prompt, paraphrase = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux's mother tongue is"
@@ -183,6 +185,7 @@ def test_real_model_edit_exported_to_peft_answers_like_factpatch(service, real_l
     assert r.status_code == 200, r.text
     with zipfile.ZipFile(io.BytesIO(r.content)) as z:
         z.extractall(tmp_path / "adapter")
+    _cli_export_writes_the_same_files(edit["id"], tmp_path, monkeypatch, pg_url, schema)
     base = AutoModelForCausalLM.from_pretrained(real_lm.model.config._name_or_path, dtype=real_lm.dtype).eval()
     model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     delta = rt.deltas.get(edit["id"])
@@ -202,3 +205,29 @@ def test_real_model_edit_exported_to_peft_answers_like_factpatch(service, real_l
             text = real_lm.tokenizer.decode(row, skip_special_tokens=True).strip()
             # factpatch's answer uses the adapter until the target is written: the same text up to there.
             assert served["answer"].startswith("Swedish") and text.startswith("Swedish"), (q, mode, served, text)
+
+
+def _cli_export_writes_the_same_files(edit_id: str, tmp_path: Path, monkeypatch, pg_url: str, schema: str) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app as cli
+    from app.settings import get_settings
+
+    runner = CliRunner()
+    try:
+        with monkeypatch.context() as env:
+            env.setenv("FACTPATCH_DATABASE_URL", pg_url)
+            env.setenv("FACTPATCH_DATABASE_SCHEMA", schema)
+            get_settings.cache_clear()
+            done = runner.invoke(cli, ["export", "--edit", edit_id, "--out", str(tmp_path / "cli")])
+            missing = runner.invoke(cli, ["export", "--edit", "00000000-0000-4000-8000-000000000000",
+                                          "--out", str(tmp_path / "none")])
+            bad = runner.invoke(cli, ["export", "--edit", "nope", "--out", str(tmp_path / "none")])
+    finally:
+        get_settings.cache_clear()  # the environment is back: later calls read it again
+    assert done.exit_code == 0, done.output
+    for name in ("adapter_config.json", "adapter_model.safetensors", "factpatch_edit.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes(), name
+    assert missing.exit_code == 1 and "edit_not_found" in missing.output
+    assert not (tmp_path / "none").exists()
+    assert bad.exit_code == 2
