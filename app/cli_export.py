@@ -87,6 +87,7 @@ def export_parity_cmd(
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--file") from None
     cases = [c for c in ds.cases if c.paraphrase][:n]
+    env = environment(_command_line("export-parity"))  # the commit the run starts from
     _threads(threads)
     _quiet_http_logs()
     backend = InProcessBackend(model=model)
@@ -97,7 +98,7 @@ def export_parity_cmd(
         backend.close()
     data["dataset"] = {"name": dataset, "file": str(file), "sha256": ds.sha256,
                        "selection": f"the first {len(cases)} records with a rephrase, in file order"}
-    data["env"] = environment(_command_line("export-parity"))
+    data["env"] = env
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     (out / "report.md").write_text(report_markdown(data))
