@@ -95,12 +95,19 @@ def show_config(markdown: bool = typer.Option(False, help="Print a Markdown tabl
 def _register_measurements() -> None:
     from app.cli_calibrate import calibrate_cmd
     from app.cli_detect import detect
+    from app.cli_export import export_cmd, export_parity_cmd
     from app.eval.cli import register
 
     register(app)
     app.command("detect", help="CKA against raw probability and rank-based assessment on true vs corrupted facts.")(detect)
     app.command("calibrate", help="CaliNet on facts the model gets wrong: false rate, EM/F1, perplexity before and after.")(
         calibrate_cmd
+    )
+    app.command("export", help="An edit as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).")(
+        export_cmd
+    )
+    app.command("export-parity", help="Edits exported as PEFT adapters: same greedy answers as factpatch?")(
+        export_parity_cmd
     )
 
 

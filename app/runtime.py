@@ -9,8 +9,10 @@ from pathlib import Path
 
 from app.lm.engine import LM
 from app.selector.memory import KeyMemory, build_memory
+from app.services.adapters import AdapterService
 from app.services.answers import AnswerService
 from app.services.calibrations import CalibrationService, DetectService
+from app.services.completions import CompletionService
 from app.services.deltas import DeltaCache
 from app.services.edits import EditService
 from app.services.jobs import JobRunner
@@ -74,6 +76,16 @@ class Runtime:
         for hook in _START_HOOKS:
             hook(rt)
         return rt
+
+    @property
+    def adapters(self) -> AdapterService:
+        """Edits as PEFT LoRA adapters (stateless: reads the database and the model's structure)."""
+        return AdapterService(self.db, self.lm)
+
+    @property
+    def completions(self) -> CompletionService:
+        """The OpenAI-compatible completions, served by the answer path."""
+        return CompletionService(self.answers, self.lm)
 
     def close(self) -> None:
         for hook in _STOP_HOOKS:

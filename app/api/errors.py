@@ -20,7 +20,7 @@ _DESCRIPTIONS = {
     401: "No, a malformed, unknown or revoked API key (`missing_key`, `invalid_key`).",
     403: "The key's role may not call this operation (`forbidden`).",
     404: "No such resource (`edit_not_found`, `calibration_not_found`, `job_not_found`).",
-    409: "Conflicts with the stored state (`idempotency_key_reused`, `idempotency_conflict`, ...).",
+    409: "Conflicts with the stored state (`idempotency_key_reused`, `idempotency_conflict`, `delta_not_lora`, ...).",
     422: "Invalid input, refused before any work (`invalid_request`, `invalid_config`, `invalid_cursor`, "
          "`unknown_method`, ...).",
     503: "A dependency (database, Redis) is unavailable (`database_unavailable`, `memory_unavailable`, ...).",
