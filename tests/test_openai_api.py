@@ -61,7 +61,7 @@ def _all_four(oa) -> dict[str, tuple[str, dict, list]]:
 def test_openai_client_gets_what_answer_returns_before_and_after_an_edit(live):
     url, rt = live
     oa = openai.OpenAI(base_url=f"{url}/v1", api_key=READER, max_retries=0)
-    with httpx.Client(base_url=url, timeout=120) as http:
+    with httpx.Client(base_url=url, timeout=600) as http:
         for phase in ("before", "after"):
             if phase == "after":
                 r = http.post("/edits", json={"prompt": PROMPT, "target": "ultraviolet", "subject": "Zorblax Quint",
