@@ -218,8 +218,11 @@ def bench_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` and ``bench`` to the main CLI."""
+    from app.eval.replicas import replicas_command
+
     app.command("eval")(eval_command)
     app.command("bench")(bench_command)
+    app.command("replicas")(replicas_command)
 
 
 def standalone() -> typer.Typer:
