@@ -175,6 +175,7 @@ class Client:
 
         self.keys = keys
         self.http = httpx.Client(timeout=300)
+        self.last_answered_s = 0.0
 
     def _h(self, role: str, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[role]}", **extra}
@@ -212,6 +213,7 @@ class Client:
         while time.monotonic() - t0 < timeout:
             asked = time.monotonic()
             if self.answer(url, prompt)["edit_id"] == edit_id:
+                self.last_answered_s = time.monotonic() - t0  # with the answer's own time
                 return asked - t0
             time.sleep(0.02)
         raise AssertionError(f"{url} did not route {prompt!r} to {edit_id} within {timeout} s")
@@ -266,7 +268,7 @@ def kill_mid_job(dep: LoopbackDeployment, client: Client, bodies: list[dict]) ->
 
 def measure(dep: LoopbackDeployment, client: Client, n: int, kill_jobs: int) -> dict:
     a, b = dep.urls[0], dep.urls[1]
-    seen, gone, edit_s = [], [], []
+    seen, gone, edit_s, answered = [], [], [], []
     for i in range(n):
         subject = f"Zorblax Quint {i}"
         prompt = f"The favourite colour of {subject} is"
@@ -278,9 +280,11 @@ def measure(dep: LoopbackDeployment, client: Client, n: int, kill_jobs: int) -> 
         edit_s.append(time.monotonic() - t)
         edit_id = r.json()["id"]
         seen.append(client.visible_after(dst, prompt, edit_id))
+        answered.append(client.last_answered_s)
         if client.revert(dst, edit_id).status_code != 200:
             raise RuntimeError("revert failed")
         gone.append(client.visible_after(src, prompt, None))
+        answered.append(client.last_answered_s)
     bodies = [{"prompt": f"The pet of Pella Vost {i} is a", "target": "heron", "subject": f"Pella Vost {i}",
                "config": SLOW} for i in range(kill_jobs)]
     kill = kill_mid_job(dep, client, bodies)
@@ -288,6 +292,7 @@ def measure(dep: LoopbackDeployment, client: Client, n: int, kill_jobs: int) -> 
         "edits": n, "edit_request_s_median": round(statistics.median(edit_s), 3),
         "edit_visible_on_other_replica_s": {"max": round(max(seen), 3), "median": round(statistics.median(seen), 3)},
         "revert_visible_on_other_replica_s": {"max": round(max(gone), 3), "median": round(statistics.median(gone), 3)},
+        "answered_by_other_replica_s_max": round(max(answered), 3),
         "worker_kill": kill,
     }
 
@@ -358,5 +363,8 @@ def _report(r: dict, n: int, kill_jobs: int, model: str) -> str:
         f"{k['all_done_s_after_kill']} s after the kill (the heartbeat expiry plus the jobs left to train).",
         "",
         "Visibility is the time from the answer of the changing request until the first answer request on the "
-        "other replica that routes accordingly was sent (the answer's own generation time is not counted).", "",
+        "other replica that routes accordingly was sent (the answer's own generation time is not counted); "
+        "0 means the first answer asked right after the change already routed accordingly. Counting the "
+        f"answer's own time, the other replica had answered within {r['answered_by_other_replica_s_max']} s "
+        "(max over edits and reverts).", "",
     ])
