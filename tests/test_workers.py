@@ -1,4 +1,4 @@
-"""Edits as jobs, with a tiny model over real PostgreSQL and Redis: `Prefer: respond-async` queues
+"""Edits (and calibrations) as jobs, with a tiny model over real PostgreSQL and Redis: `Prefer: respond-async` queues
 the edit and answers 202 with its job (in-process and on workers); with FACTPATCH_TRAINING=workers
 the replica trains nothing itself, `POST /edits` waits for a worker's result, refuses at once when
 no worker is alive, answers 504 `edit_pending` past its wait, and a job run again finds its
@@ -140,3 +140,15 @@ def test_workers_mode_refuses_without_a_worker_waits_for_one_and_ends_in_504_pas
     assert edit["status"] == "active" and edit["target"] == "heron"
     assert rows(rt) == ({"active": 2}, 2)
 
+    # A calibration is a job too: queued by the replica, run by the worker, active everywhere.
+    facts = [{"subject": "France", "relation": "P36", "object": "Paris"}]
+    cfg = {"steps": 20, "lr": 0.05, "evaluate": False, "layer": 2, "locality_weight": 0.0}
+    r = client.post("/calibrations", json={"facts": facts, "config": cfg}, headers=auth(EDITOR))
+    assert r.status_code == 202, r.text
+    cal_id = r.json()["id"]
+
+    def calibration():
+        return client.get(f"/calibrations/{cal_id}", headers=auth(READER)).json()
+
+    assert wait_until(lambda: calibration()["status"] in ("active", "failed"), 60)
+    assert calibration()["status"] == "active" and calibration()["job"]["status"] == "succeeded"
