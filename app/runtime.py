@@ -66,7 +66,14 @@ class Runtime:
         memory = build_memory(settings.redis_url, settings.redis_prefix)
         deltas = DeltaCache(db, lm)
         sync = MemorySync(db, memory, selector, deltas=deltas)
-        answers = AnswerService(lm, selector, deltas)
+        engine = None
+        if settings.engine == "vllm" and not worker:
+            from app.lm.engines import VLLMEngine
+            from app.services.engine import EngineService
+
+            engine = EngineService(VLLMEngine(settings.vllm_url, lm, model=settings.vllm_model), lm, deltas, selector,
+                                   settings.home)
+        answers = AnswerService(lm, selector, deltas, engine=engine)
         edits = EditService(db, lm, selector, sync, deltas, answers)
         queue = None
         if settings.uses_workers:
@@ -81,6 +88,8 @@ class Runtime:
                  DetectService(lm), edit_jobs, queue, admin_key_file)
         sync.start()
         calibrations.start()
+        if engine is not None:
+            engine.start()
         if start_jobs and queue is None and not worker:
             jobs.start()
         for hook in _START_HOOKS:
@@ -94,6 +103,8 @@ class Runtime:
             except Exception:  # noqa: BLE001
                 log.exception("shutdown hook failed")
         self.jobs.stop()
+        if self.answers.engine is not None:
+            self.answers.engine.stop()
         self.calibrations.stop()
         self.sync.stop()
         if self.queue is not None:

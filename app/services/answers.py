@@ -3,6 +3,7 @@ routed edit's delta for that request only."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Sequence
 
 from app.lm.engine import LM, Mode
 from app.services.deltas import DeltaCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,10 +40,11 @@ class Routed:
 
 
 class AnswerService:
-    def __init__(self, lm: LM, selector, deltas: DeltaCache):
+    def __init__(self, lm: LM, selector, deltas: DeltaCache, engine=None):
         self.lm = lm
         self.selector = selector
         self.deltas = deltas
+        self.engine = engine  # an EngineService (FACTPATCH_ENGINE=vllm), or None: the local model generates
 
     def route(self, queries: Sequence[str]) -> list[Routed]:
         routes = self.selector.route_many(list(queries))
@@ -71,10 +75,18 @@ class AnswerService:
         t0 = time.perf_counter()
         routes, groups = self._groups(queries)
         texts: list[str] = [""] * len(queries)
+        remote = self.engine is not None and not do_sample and self.engine.usable()[0]
         for edit_id, idx in groups.items():
             delta = self.deltas.get_cached(edit_id) if edit_id else None
             # An edit's adapter writes its target; the base model writes the rest of the answer.
             target = (delta.meta.get("target") or "") if delta is not None else ""
+            if remote:
+                gens = self._remote([queries[i] for i in idx], target, edit_id if delta is not None else None,
+                                    max_new_tokens, mode or self.lm.default_mode())
+                if gens is not None:
+                    for i, g in zip(idx, gens):
+                        texts[i] = g.text.strip()
+                    continue
             gens = self.lm.generate_edited(
                 [queries[i] for i in idx], target, max_new_tokens=max_new_tokens, mode=mode,
                 deltas=[delta] if delta is not None else None,
@@ -84,6 +96,18 @@ class AnswerService:
                 texts[i] = g.text.strip()
         ms = (time.perf_counter() - t0) * 1000
         return [Answer(t, r.edit_id, r.similarity, self.lm.name, ms) for t, r in zip(texts, routes)]
+
+    def _remote(self, prompts, target, edit_id, max_new_tokens, mode):
+        """The engine's answers, or None when it cannot give them (the local model answers)."""
+        from app.lm.engines import EngineUnavailable
+
+        try:
+            return self.engine.generate_edited(prompts, target, edit_id=edit_id, max_new_tokens=max_new_tokens,
+                                               mode=mode)
+        except (EngineUnavailable, ImportError) as exc:
+            log.warning("the generation engine failed (%s); the local model answers", exc)
+            self.engine.last_error = str(exc)[:300]
+            return None
 
     def score(self, prompts: Sequence[str], targets: Sequence[str], *, mode: Mode | None = None) -> list[ScoreResult]:
         routes, groups = self._groups(prompts)

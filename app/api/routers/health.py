@@ -28,6 +28,7 @@ def health_report(rt: Runtime) -> HealthOut:
         status="ok" if ok else "degraded", model=rt.lm.name, device=str(rt.lm.device), database=db, redis=redis,
         edits_active=_active_edits(rt) if db["ok"] else None, selector_keys=len(rt.selector),
         training=_training(rt),
+        engine=rt.answers.engine.status() if rt.answers.engine is not None else {"kind": "local", "answering": "local"},
     )
 
 
