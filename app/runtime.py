@@ -72,7 +72,7 @@ class Runtime:
             from app.services.engine import EngineService
 
             engine = EngineService(VLLMEngine(settings.vllm_url, lm, model=settings.vllm_model), lm, deltas, selector,
-                                   settings.home)
+                                   settings.home, db=db)
         answers = AnswerService(lm, selector, deltas, engine=engine)
         edits = EditService(db, lm, selector, sync, deltas, answers)
         queue = None

@@ -167,7 +167,10 @@ class VLLMEngine:
         return row[:cut]
 
     def generate_edited(self, prompts: Sequence[str], target: str, *, adapter: str | None, max_new_tokens: int,
-                        mode: str) -> list[EditedText]:
+                        mode: str, end: str | None = None) -> list[EditedText]:
+        """``end``: "sentence" cuts the base model's part at the end of the sentence the target
+        began, as the local engine does when its ``generate_edited`` takes ``end``; else the base
+        model writes up to ``max_new_tokens``."""
         lm = self.lm
         target = target.strip()
         out = []
@@ -187,7 +190,7 @@ class VLLMEngine:
             head = first[:cut]
             rest: list[int] = []
             left = max_new_tokens - len(head)
-            bad = [target, " " + target]
+            bad = _spellings(target)
             if target[-1].isalnum() and left > 0:
                 step = self._complete(self.model, ids + head, 1, allowed_token_ids=self.boundary_tokens(),
                                       bad_words=bad)
@@ -197,6 +200,8 @@ class VLLMEngine:
                     left = 0  # the text ended
             if left > 0:
                 rest += self._complete(self.model, ids + head + rest, left, bad_words=bad)
+            if end == "sentence" and hasattr(lm, "_sentence_cut"):
+                rest = rest[: lm._sentence_cut(lm.tokenizer.decode(head, skip_special_tokens=True), rest)]
             row = head + rest
             out.append(EditedText(lm.tokenizer.decode(row, skip_special_tokens=True), row))
         return out
@@ -209,6 +214,14 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.http.close()
+
+
+def _spellings(target: str) -> list[str]:
+    """The target's spellings the base model must not write again (the local engine's bad words)."""
+    from app.lm import engine
+
+    spellings = getattr(engine, "target_spellings", None)
+    return list(spellings(target)) if spellings else [target]
 
 
 class AdapterMissing(EngineUnavailable):

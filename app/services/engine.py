@@ -3,8 +3,8 @@
 With vLLM, the selector still routes every query here; the routed edit's delta is written once
 as a PEFT LoRA adapter directory under ``home/adapters/<edit id>`` (``app.lm.peft_adapter``) and
 registered with the server under the edit's id the first time an answer needs it. A check every
-``poll_seconds`` unregisters adapters of edits no longer active (reverted or superseded, here or
-on another replica) and notices a server that restarted (it lists none of ours): they are
+``poll_seconds`` unregisters adapters of this deployment's edits that are no longer active
+(reverted or superseded, here or on another replica; other adapters on the server are left alone) and notices a server that restarted (it lists none of ours): they are
 registered again as answers need them, and a request that names an adapter the server lost is
 retried once after registering it again.
 
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class EngineService:
-    def __init__(self, engine: VLLMEngine, lm, deltas, selector, home: Path, poll_seconds: float = 2.0):
-        self.engine, self.lm, self.deltas, self.selector = engine, lm, deltas, selector
+    def __init__(self, engine: VLLMEngine, lm, deltas, selector, home: Path, db=None, poll_seconds: float = 2.0):
+        self.engine, self.lm, self.deltas, self.selector, self.db = engine, lm, deltas, selector, db
         self.dir = Path(home) / "adapters"
         self.poll_seconds = poll_seconds
         self._lock = threading.Lock()
@@ -75,14 +75,15 @@ class EngineService:
         if not self.engine.is_loaded(edit_id):
             self.engine.load_adapter(edit_id, self.adapter_dir(edit_id).resolve())
 
-    def generate_edited(self, prompts, target: str, *, edit_id: str | None, max_new_tokens: int, mode: str):
+    def generate_edited(self, prompts, target: str, *, edit_id: str | None, max_new_tokens: int, mode: str,
+                        end: str | None = None):
         """The engine's answers; one retry when the server lost the adapter (it restarted)."""
         for attempt in (0, 1):
             try:
                 if edit_id:
                     self.ensure(edit_id)
                 out = self.engine.generate_edited(prompts, target, adapter=edit_id, max_new_tokens=max_new_tokens,
-                                                  mode=mode)
+                                                  mode=mode, end=end)
                 self.last_error = None
                 return out
             except AdapterMissing:
@@ -117,13 +118,26 @@ class EngineService:
             self.engine.forget()
             ours = set()
         active = set(self.selector.edit_ids())
-        for edit_id in (ours | on_server) - active:
-            if edit_id in on_server or edit_id in ours:
-                try:
-                    self.engine.unload_adapter(edit_id)
-                except EngineUnavailable as exc:
-                    log.warning("could not unregister adapter %s: %s", edit_id, exc)
+        # Ours that are no longer active, and those another replica of this deployment registered
+        # for edits it has since reverted; adapters of other users of the server are left alone.
+        stale = (ours - active) | self._inactive_edits(on_server - ours - active)
+        for edit_id in stale:
+            try:
+                self.engine.unload_adapter(edit_id)
+            except EngineUnavailable as exc:
+                log.warning("could not unregister adapter %s: %s", edit_id, exc)
             shutil.rmtree(self.dir / edit_id, ignore_errors=True)
+
+    def _inactive_edits(self, names: set[str]) -> set[str]:
+        """The names that are edits of this deployment's database and not active."""
+        if not names or self.db is None:
+            return set()
+        from sqlalchemy import select
+
+        from app.store.models import Edit
+
+        with self.db.session() as s:
+            return set(s.scalars(select(Edit.id).where(Edit.id.in_(sorted(names)), Edit.status != "active")))
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_seconds):
