@@ -97,13 +97,14 @@ class AnswerService:
         ms = (time.perf_counter() - t0) * 1000
         return [Answer(t, r.edit_id, r.similarity, self.lm.name, ms) for t, r in zip(texts, routes)]
 
-    def _remote(self, prompts, target, edit_id, max_new_tokens, mode):
-        """The engine's answers, or None when it cannot give them (the local model answers)."""
+    def _remote(self, prompts, target, edit_id, max_new_tokens, mode, end=None):
+        """The engine's answers, or None when it cannot give them (the local model answers).
+        ``end``: how the edited answer ends, as the local engine's ``generate_edited`` takes it."""
         from app.lm.engines import EngineUnavailable
 
         try:
             return self.engine.generate_edited(prompts, target, edit_id=edit_id, max_new_tokens=max_new_tokens,
-                                               mode=mode)
+                                               mode=mode, end=end)
         except (EngineUnavailable, ImportError) as exc:
             log.warning("the generation engine failed (%s); the local model answers", exc)
             self.engine.last_error = str(exc)[:300]
