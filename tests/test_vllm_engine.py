@@ -32,6 +32,7 @@ def _vllm_installed() -> bool:
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.slow,  # starts a vLLM server (1.5-3 min on CPU)
     pytest.mark.skipif(not _vllm_installed(), reason=f"vLLM is not installed in {VENV} (scripts/vllm.sh --install-only)"),
     pytest.mark.skipif(importlib.util.find_spec("app.lm.peft_adapter") is None,
                        reason="needs the PEFT adapter export (app.lm.peft_adapter)"),
