@@ -152,3 +152,18 @@ def test_workers_mode_refuses_without_a_worker_waits_for_one_and_ends_in_504_pas
 
     assert wait_until(lambda: calibration()["status"] in ("active", "failed"), 60)
     assert calibration()["status"] == "active" and calibration()["job"]["status"] == "succeeded"
+    # A message for a job whose claim another holder has (a worker still running it after the
+    # queue handed its message on) comes back later, and the job runs once the claim is free.
+    import uuid
+
+    from app.services.edit_jobs import _KEY_NAMESPACE
+
+    held = str(uuid.uuid5(_KEY_NAMESPACE, "k-held"))
+    body = {**EDIT, "prompt": "The pet of Orrin Tavel is a", "subject": "Orrin Tavel", "target": "badger"}
+    with rt.db.claim(f"job:{held}") as claimed:
+        assert claimed
+        r = client.post("/edits", json=body, headers={**auth(EDITOR), **ASYNC, "Idempotency-Key": "k-held"})
+        assert r.status_code == 202 and r.json()["job_id"] == held
+        assert not wait_until(lambda: job(client, held)["status"] != "queued", 2)
+    assert wait_until(lambda: job(client, held)["status"] == "succeeded", 60)
+    assert job(client, held)["attempts"] == 1

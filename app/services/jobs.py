@@ -5,7 +5,7 @@ left ``running`` by a process that died is re-queued at the next start (or marke
 ``max_attempts``), and claiming a job is one conditional UPDATE, so two replicas never run the
 same job. ``workers``: each job is also a message on the job queue (``app.services.queue``) and a
 ``factpatch worker`` runs it through ``run_job``, under a per-job claim that a dead worker's
-connection gives up; the queue hands a dead worker's message to another worker, which runs the
+connection gives up (a message for a job whose claim is held comes back later); the queue hands a dead worker's message to another worker, which runs the
 job again while it has attempts left (``max_attempts`` = 2: one retry).
 
 A failed job keeps its error as ``"code: message"`` in ``error`` and, for errors of the service,
@@ -133,7 +133,11 @@ class JobRunner:
         (its worker died) runs again while it has attempts left, else it fails. True when it ran."""
         with self.db.claim(f"job:{job_id}") as claimed:
             if not claimed:
-                log.info("job %s is held by another worker; message dropped", job_id)
+                # A live worker runs it (its heartbeat was late, so the queue handed the message
+                # on): look again later, so the job is not left without a message if that worker dies.
+                log.info("job %s is held by another worker; checking again later", job_id)
+                if self.queue is not None:
+                    self.queue.send(job_id, delay_seconds=self.queue.heartbeat_seconds)
                 return False
             with self.db.transaction() as s:
                 job = s.get(Job, job_id, with_for_update=True)

@@ -62,12 +62,14 @@ class JobQueue:
                      options={"max_retries": 0})
 
     # -- replicas ------------------------------------------------------------------------------
-    def send(self, job_id: str) -> None:
-        """Put one job on the queue; 503 ``queue_unavailable`` when Redis does not take it."""
+    def send(self, job_id: str, *, delay_seconds: float | None = None) -> None:
+        """Put one job on the queue (after ``delay_seconds``); 503 ``queue_unavailable`` when
+        Redis does not take it."""
         from app.errors import Unavailable
 
         try:
-            self.actor.send(job_id)
+            delay = int(delay_seconds * 1000) if delay_seconds else None
+            self.actor.send_with_options(args=(job_id,), delay=delay)
         except Exception as exc:  # noqa: BLE001 - redis errors, connection or timeout
             raise Unavailable("the job queue (Redis) is unavailable; nothing was queued",
                               code="queue_unavailable") from exc
