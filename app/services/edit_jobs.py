@@ -81,16 +81,19 @@ class EditJobs:
     def _attach(self, job_id: str, req: EditInput) -> Submitted:
         """A job for this Idempotency-Key exists: the same request waits for it (a failed one is
         queued again, as a repeated in-process request would train again); another is refused."""
-        with self.db.transaction() as s:
-            job = s.get(Job, job_id, with_for_update=True)
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
             if job.payload.get("request_hash") != req.request_hash():
                 raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_key_reused")
+            if job.status == "failed":
+                self.require_workers()  # before it is queued again: never a queued job without a message
+        with self.db.transaction() as s:
+            job = s.get(Job, job_id, with_for_update=True)
             again = job.status == "failed"
             if again:
                 job.status, job.error, job.result, job.attempts = "queued", None, {}, 0
                 job.started_at = job.finished_at = None
         if again:
-            self.require_workers()
             self.jobs.enqueue(job.id)
         return Submitted(job=job, edit_id=job.payload["edit_id"], attached=not again)
 
