@@ -1,4 +1,4 @@
-"""``factpatch``: serve, db upgrade, keys, config, and the measurement commands (eval, bench, detect)."""
+"""``factpatch``: serve, worker, db upgrade, keys, config, and the measurement commands (eval, bench, detect)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,38 @@ def serve(
         "app.main:create_app", factory=True, host=host or s.host, port=port or s.port, workers=workers,
         log_level=s.log_level.lower(), **SERVER_OPTIONS,
     )
+
+
+@app.command()
+def worker(
+    threads: Optional[int] = typer.Option(None, help="torch threads for training (default: torch's choice)."),
+) -> None:
+    """Run queued training jobs (edits, calibrations) for the API replicas: FACTPATCH_TRAINING=workers."""
+    import logging
+    import signal
+    import threading
+
+    from app.runtime import Runtime, run_worker
+    from app.settings import get_settings
+
+    s = get_settings()
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not s.uses_workers:
+        console.print("[red]factpatch worker needs FACTPATCH_TRAINING=workers, FACTPATCH_REDIS_URL and "
+                      "FACTPATCH_DATABASE_URL[/red]")
+        raise typer.Exit(2)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    rt = Runtime.build(s, worker=True)
+    try:
+        run_worker(rt, stop)
+    finally:
+        rt.close()
 
 
 @db_app.command("upgrade")

@@ -14,6 +14,7 @@ from app.services.answers import AnswerService
 from app.services.calibrations import CalibrationService, DetectService
 from app.services.completions import CompletionService
 from app.services.deltas import DeltaCache
+from app.services.edit_jobs import EditJobs
 from app.services.edits import EditService
 from app.services.jobs import JobRunner
 from app.services.keys import KeyService
@@ -39,13 +40,17 @@ class Runtime:
     jobs: JobRunner
     calibrations: CalibrationService
     detect: DetectService
+    edit_jobs: EditJobs
+    queue: object | None = None  # the job queue to the workers (FACTPATCH_TRAINING=workers)
     admin_key_file: Path | None = None
     started_at: float = field(default_factory=time.time)
     extras: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings, *, lm: LM | None = None, selector=None, migrate: bool = True,
-              start_jobs: bool = True) -> "Runtime":
+              start_jobs: bool = True, worker: bool = False) -> "Runtime":
+        """``worker``: a ``factpatch worker`` process (runs queued jobs, see ``run_worker``); with
+        FACTPATCH_TRAINING=workers an API replica runs no jobs itself."""
         settings.home.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url(), settings.database_schema)
         if migrate:
@@ -63,15 +68,31 @@ class Runtime:
         memory = build_memory(settings.redis_url, settings.redis_prefix)
         deltas = DeltaCache(db, lm)
         sync = MemorySync(db, memory, selector, deltas=deltas)
-        answers = AnswerService(lm, selector, deltas, chat_end=settings.edited_chat_end)
+        engine = None
+        if settings.engine == "vllm" and not worker:
+            from app.lm.engines import VLLMEngine
+            from app.services.engine import EngineService
+
+            engine = EngineService(VLLMEngine(settings.vllm_url, lm, model=settings.vllm_model), lm, deltas, selector,
+                                   settings.home, db=db)
+        answers = AnswerService(lm, selector, deltas, engine=engine, chat_end=settings.edited_chat_end)
         edits = EditService(db, lm, selector, sync, deltas, answers)
-        jobs = JobRunner(db)
+        queue = None
+        if settings.uses_workers:
+            from app.services.queue import JobQueue
+
+            queue = JobQueue(settings.redis_url, settings.redis_prefix,
+                             heartbeat_seconds=settings.worker_heartbeat_seconds)
+        jobs = JobRunner(db, queue=queue)
         calibrations = CalibrationService(db, lm, jobs)
+        edit_jobs = EditJobs(db, edits, jobs, queue=queue, sync=sync)
         rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, jobs, calibrations,
-                 DetectService(lm), admin_key_file)
+                 DetectService(lm), edit_jobs, queue, admin_key_file)
         sync.start()
         calibrations.start()
-        if start_jobs:
+        if engine is not None:
+            engine.start()
+        if start_jobs and queue is None and not worker:
             jobs.start()
         for hook in _START_HOOKS:
             hook(rt)
@@ -94,10 +115,22 @@ class Runtime:
             except Exception:  # noqa: BLE001
                 log.exception("shutdown hook failed")
         self.jobs.stop()
+        if self.answers.engine is not None:
+            self.answers.engine.stop()
         self.calibrations.stop()
         self.sync.stop()
+        if self.queue is not None:
+            self.queue.close()
         self.memory.close()
         self.db.dispose()
+
+
+def run_worker(rt: Runtime, stop) -> None:
+    """A ``factpatch worker``: run the jobs the queue hands this process, one at a time, until
+    ``stop`` (a threading.Event) is set; the running job finishes first."""
+    if rt.queue is None:
+        raise ValueError("a worker needs FACTPATCH_TRAINING=workers (and FACTPATCH_REDIS_URL)")
+    rt.queue.consume(rt.jobs.run_job, stop)
 
 
 # Features that run work in the background (jobs) register here to start and stop with the runtime.

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -67,7 +67,46 @@ class Settings(BaseSettings):
     selector_threshold: float | None = Field(
         default=None, ge=-1.0, le=1.0, description="Selector similarity threshold. Unset: the selector's measured default."
     )
+    training: Literal["local", "workers"] = Field(
+        default="local",
+        description="Where edits, calibrations and other training jobs run: `local` (in this process) or "
+        "`workers` (on `factpatch worker` processes fed by a Dramatiq queue on FACTPATCH_REDIS_URL; API "
+        "replicas then only route and answer).",
+    )
+    edit_wait_seconds: float = Field(
+        default=120.0, gt=0, le=3600,
+        description="How long `POST /edits` waits for its job before answering 504 `edit_pending` (the job "
+        "goes on; poll `GET /jobs/{id}`). `Prefer: wait=N` asks for less.",
+    )
+    worker_heartbeat_seconds: float = Field(
+        default=15.0, ge=1, le=600,
+        description="A worker silent this long counts as dead: its job goes back to the queue for another "
+        "worker (retried once), and it no longer counts in `/health`.",
+    )
+    engine: Literal["local", "vllm"] = Field(
+        default="local",
+        description="What generates `/answer` text after the selector routed it: `local` (the model in this "
+        "process) or `vllm` (a vLLM server at FACTPATCH_VLLM_URL started with `--enable-lora`; each edit is "
+        "registered there as a LoRA adapter). Training, scoring, detect and calibrate stay local.",
+    )
+    vllm_url: str | None = Field(default=None, description="Base URL of the vLLM server (e.g. `http://127.0.0.1:8001`).")
+    vllm_model: str | None = Field(
+        default=None, description="The base model's name on the vLLM server. Unset: the first model it lists."
+    )
     log_level: str = Field(default="INFO", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _workers_need_redis(self) -> "Settings":
+        if self.training == "workers" and not (self.redis_url and self.database_url):
+            raise ValueError("FACTPATCH_TRAINING=workers needs FACTPATCH_REDIS_URL (the job queue) and "
+                             "FACTPATCH_DATABASE_URL (shared by the replicas and workers)")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_needs_url(self) -> "Settings":
+        if self.engine == "vllm" and not self.vllm_url:
+            raise ValueError("FACTPATCH_ENGINE=vllm needs FACTPATCH_VLLM_URL")
+        return self
 
     @field_validator("home")
     @classmethod
@@ -82,6 +121,10 @@ class Settings(BaseSettings):
     @property
     def answers_public(self) -> bool:
         return self.embedded if self.public_answers is None else self.public_answers
+
+    @property
+    def uses_workers(self) -> bool:
+        return self.training == "workers"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -23,7 +23,10 @@ _DESCRIPTIONS = {
     409: "Conflicts with the stored state (`idempotency_key_reused`, `idempotency_conflict`, `delta_not_lora`, ...).",
     422: "Invalid input, refused before any work (`invalid_request`, `invalid_config`, `invalid_cursor`, "
          "`unknown_method`, ...).",
-    503: "A dependency (database, Redis) is unavailable (`database_unavailable`, `memory_unavailable`, ...).",
+    503: "A dependency (database, Redis, the training workers) is unavailable (`database_unavailable`, "
+         "`memory_unavailable`, `workers_unavailable`, ...).",
+    504: "The edit is still being trained after the wait (`edit_pending`); the body names its `job_id` and "
+         "`edit_id` to poll.",
 }
 
 
@@ -61,7 +64,8 @@ def error_body(code: str, message: str, **extra) -> dict:
 def install(app: FastAPI) -> None:
     @app.exception_handler(FactpatchError)
     async def _service_error(_req: Request, exc: FactpatchError):
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+        return JSONResponse(error_body(exc.code, exc.message, **(getattr(exc, "extra", None) or {})),
+                            status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):

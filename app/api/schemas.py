@@ -249,6 +249,26 @@ class HealthOut(BaseModel):
         default=None, description="Active edits in the database; null only while the database is unreachable."
     )
     selector_keys: int | None = None
+    training: dict[str, Any] | None = Field(
+        default=None,
+        description="Where training jobs run: `{\"mode\": \"local\"}` or `{\"mode\": \"workers\", \"workers\": N}` "
+        "(live `factpatch worker` processes; null while the queue is unreachable).",
+    )
+
+    engine: dict[str, Any] | None = Field(
+        default=None,
+        description="The generation engine: `kind` (`local` or `vllm`), which one `answering` now, and the "
+        "`reason` when vLLM is configured but the local model answers (a calibration is active, the server is "
+        "unreachable).",
+    )
+
+
+class EditAcceptedOut(BaseModel):
+    """`POST /edits` with `Prefer: respond-async`: the edit is queued; poll its job."""
+
+    job_id: str
+    edit_id: str = Field(description="The id the edit gets once stored (`GET /edits/{edit_id}` is 404 until then).")
+    status: str = Field(description="The job's status: `queued`, `running`, `succeeded` or `failed`.")
 
 
 MAX_FACTS_PER_REQUEST = 1000
@@ -293,8 +313,14 @@ class CalibrationIn(Strict):
 
 class JobOut(BaseModel):
     id: str
+    kind: str = Field(default="calibration", description="`edit` or `calibration`.")
     status: str
     progress: dict[str, Any]
+    result: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What the job made (`edit_id` of an edit job, `calibration_id` of a calibration) or, "
+        "when it failed, `error` with the `code`, `status` and `message` the request would have got.",
+    )
     error: str | None
     attempts: int
     created_at: datetime
@@ -303,8 +329,9 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, j) -> "JobOut":
-        return cls(id=j.id, status=j.status, progress=j.progress or {}, error=j.error, attempts=j.attempts,
-                   created_at=j.created_at, started_at=j.started_at, finished_at=j.finished_at)
+        return cls(id=j.id, kind=j.kind, status=j.status, progress=j.progress or {}, result=j.result or {},
+                   error=j.error, attempts=j.attempts, created_at=j.created_at, started_at=j.started_at,
+                   finished_at=j.finished_at)
 
 
 class CalibrationOut(BaseModel):

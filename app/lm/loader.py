@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,13 +76,21 @@ def ensure_embedded(spec: EmbeddedModel, home: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Replicas and workers sharing one home (a volume) may convert at once: each in its own folder.
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        return target
     shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
     log.info("converted in %.1f s", time.perf_counter() - t0)
     return target
 

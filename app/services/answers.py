@@ -3,6 +3,7 @@ routed edit's delta for that request only."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Sequence
 
 from app.lm.engine import LM, AnswerEnd, Mode
 from app.services.deltas import DeltaCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,10 +40,11 @@ class Routed:
 
 
 class AnswerService:
-    def __init__(self, lm: LM, selector, deltas: DeltaCache, *, chat_end: AnswerEnd = "sentence"):
+    def __init__(self, lm: LM, selector, deltas: DeltaCache, engine=None, *, chat_end: AnswerEnd = "sentence"):
         self.lm = lm
         self.selector = selector
         self.deltas = deltas
+        self.engine = engine  # an EngineService (FACTPATCH_ENGINE=vllm), or None: the local model generates
         self.chat_end = chat_end  # how an edited chat answer ends (LM.generate_edited's ``end``)
 
     def route(self, queries: Sequence[str]) -> list[Routed]:
@@ -75,10 +79,18 @@ class AnswerService:
         routes, groups = self._groups(queries)
         texts: list[str] = [""] * len(queries)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        remote = self.engine is not None and not do_sample and self.engine.usable()[0]
         edited, row_deltas, targets = [], [], []
         for edit_id, idx in groups.items():
             delta = self.deltas.get_cached(edit_id) if edit_id else None
             target = (delta.meta.get("target") or "").strip() if delta is not None else ""
+            if remote:
+                gens = self._remote([queries[i] for i in idx], target, edit_id if delta is not None else None,
+                                    max_new_tokens, mode, end)
+                if gens is not None:
+                    for i, g in zip(idx, gens):
+                        texts[i] = g.text.strip()
+                    continue
             if delta is None or not target:  # the base model, or a delta with no target to write first
                 gens = self.lm.generate([queries[i] for i in idx], max_new_tokens=max_new_tokens, mode=mode,
                                         deltas=[delta] if delta is not None else None, **sampling)
@@ -98,6 +110,19 @@ class AnswerService:
                 texts[i] = g.text.strip()
         ms = (time.perf_counter() - t0) * 1000
         return [Answer(t, r.edit_id, r.similarity, self.lm.name, ms) for t, r in zip(texts, routes)]
+
+    def _remote(self, prompts, target, edit_id, max_new_tokens, mode, end=None):
+        """The engine's answers, or None when it cannot give them (the local model answers).
+        ``end``: how the edited answer ends, as the local engine's ``generate_edited`` takes it."""
+        from app.lm.engines import EngineUnavailable
+
+        try:
+            return self.engine.generate_edited(prompts, target, edit_id=edit_id, max_new_tokens=max_new_tokens,
+                                               mode=mode, end=end)
+        except (EngineUnavailable, ImportError) as exc:
+            log.warning("the generation engine failed (%s); the local model answers", exc)
+            self.engine.last_error = str(exc)[:300]
+            return None
 
     def score(self, prompts: Sequence[str], targets: Sequence[str], *, mode: Mode | None = None) -> list[ScoreResult]:
         routes, groups = self._groups(prompts)

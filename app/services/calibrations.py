@@ -121,7 +121,7 @@ class CalibrationService:
             job.payload = {"calibration_id": cal.id}
             AuditRepo(s).record(actor=actor, action="calibration.create", entity_type="calibration",
                                 entity_id=cal.id, n_facts=len(facts), job_id=job.id)
-        self.jobs.notify()
+        self.jobs.enqueue(job.id)
         return cal, job
 
     def get(self, cal_id: str) -> tuple[Calibration, Job | None]:

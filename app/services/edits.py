@@ -162,7 +162,9 @@ class EditService:
             ]
 
     # -- create --------------------------------------------------------------------------------
-    def create(self, req: EditInput, *, actor: str | None, idempotency_key: str | None = None) -> CreateResult:
+    def validate(self, req: EditInput):
+        """The request's method and parsed config, or 422: what can be refused before any work
+        (also on a replica that hands the training to a worker)."""
         try:
             method = methods.get(req.method)
         except methods.UnknownMethod:
@@ -181,7 +183,14 @@ class EditService:
             raise Unprocessable(f"config.{loc}: {first.get('msg')}", code="invalid_config") from None
         except methods.ConfigError as exc:
             raise Unprocessable(f"config.{exc}", code="invalid_config") from None
+        return method, config
 
+    def create(self, req: EditInput, *, actor: str | None, idempotency_key: str | None = None,
+               edit_id: str | None = None) -> CreateResult:
+        """Train, measure and store one edit. ``edit_id``: the id it must get (a queued edit's,
+        chosen when it was queued); when an edit with that id is stored already (a job run again
+        after its worker died past the commit), it is returned as a replay and nothing is trained."""
+        method, config = self.validate(req)
         claim = self.db.claim(f"idempotency:{idempotency_key}") if idempotency_key else contextlib.nullcontext(True)
         with self._lock, claim as claimed:
             if not claimed:
@@ -190,6 +199,11 @@ class EditService:
                 replay = self._replay(idempotency_key, req)
                 if replay is not None:
                     return CreateResult(replay, replayed=True)
+            if edit_id is not None:
+                with self.db.session() as s:
+                    stored = EditRepo(s).get(edit_id)
+                if stored is not None:
+                    return CreateResult(stored, replayed=True)
             self._require_stores()
             self._refuse_no_op(req)
             t0 = time.perf_counter()
@@ -210,7 +224,7 @@ class EditService:
                 status="active", supersedes_id=superseded.id if superseded else None,
                 idempotency_key=idempotency_key, request_hash=req.request_hash(), created_by=actor,
             )
-            edit.id = edit.id or _new_id()
+            edit.id = edit_id or edit.id or _new_id()
             record.edit_id = edit.id
             metrics = self._measure(req, record, fit.delta, superseded)
             metrics.update(steps=fit.steps, train_ms=round(fit.train_ms, 1), total_ms=round((time.perf_counter() - t0) * 1000, 1))

@@ -52,5 +52,34 @@ def idempotency_header():
     )
 
 
+def prefer_header():
+    return Header(
+        default=None, max_length=200, pattern=r"^[ -~]*$",
+        description="RFC 7240 preferences: `respond-async` answers 202 with the queued edit's job at once; "
+        "`wait=N` waits at most N seconds (bounded by FACTPATCH_EDIT_WAIT_SECONDS) before 504 `edit_pending`. "
+        "Others are ignored.",
+    )
+
+
+def parse_prefer(value: str | None) -> tuple[bool, float | None]:
+    """(respond-async asked, wait seconds asked or None) from a Prefer header; anything it does not
+    understand is ignored, as RFC 7240 asks."""
+    if not value:
+        return False, None
+    respond_async, wait = False, None
+    for part in value.split(","):
+        token = part.split(";")[0].strip().lower()
+        if token == "respond-async":
+            respond_async = True
+        elif token.startswith("wait="):
+            try:
+                n = float(token[5:].strip().strip('"'))
+            except ValueError:
+                continue
+            if 0 < n < 1e6:
+                wait = n
+    return respond_async, wait
+
+
 AUTH = (401, 403, 503)
 responses = errors.responses

@@ -3,13 +3,15 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Response
+from fastapi.responses import JSONResponse
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import deps
 from app.api.routers._params import (
-    AUTH, BEARER, check_cursor, cursor_query, idempotency_header, resource_id, responses,
+    AUTH, BEARER, check_cursor, cursor_query, idempotency_header, parse_prefer, prefer_header, resource_id,
+    responses,
 )
-from app.api.schemas import EditIn, EditList, EditOut, HistoryOut, RebuildOut, RevertOut
+from app.api.schemas import EditAcceptedOut, EditIn, EditList, EditOut, HistoryOut, RebuildOut, RevertOut
 from app.runtime import Runtime
 from app.services.edits import EditInput
 from app.services.keys import Principal
@@ -19,8 +21,13 @@ router = APIRouter(tags=["edits"])
 
 @router.post(
     "/edits", response_model=EditOut, status_code=201, summary="Write one fact into the model (editor)",
+    description="Answers with the stored edit once it is trained (201; 200 for a replayed Idempotency-Key). "
+    "With FACTPATCH_TRAINING=workers the training runs on a `factpatch worker` and this request waits for it "
+    "(504 `edit_pending` after FACTPATCH_EDIT_WAIT_SECONDS or `Prefer: wait=N`; the job goes on). "
+    "`Prefer: respond-async`: 202 at once with the job to poll (`GET /jobs/{job_id}`).",
     responses={200: {"model": EditOut, "description": "A replay of the edit stored under this Idempotency-Key."},
-               **responses(400, *AUTH, 409, 422)},
+               202: {"model": EditAcceptedOut, "description": "Queued (`Prefer: respond-async`); `Location` is the job."},
+               **responses(400, *AUTH, 409, 422, 504)},
     openapi_extra={"security": BEARER},
 )
 async def create_edit(
@@ -29,10 +36,22 @@ async def create_edit(
     rt: Runtime = Depends(deps.runtime),
     who: Principal = Depends(deps.editor),
     idempotency_key: str | None = idempotency_header(),
-) -> EditOut:
-    result = await run_in_threadpool(
-        rt.edits.create, EditInput(**body.model_dump()), actor=who.key_id, idempotency_key=idempotency_key
-    )
+    prefer: str | None = prefer_header(),
+):
+    req = EditInput(**body.model_dump())
+    respond_async, wait = parse_prefer(prefer)
+    if respond_async or rt.queue is not None:
+        sub = await run_in_threadpool(rt.edit_jobs.submit, req, actor=who.key_id, idempotency_key=idempotency_key)
+        if respond_async and sub.replayed is None:
+            accepted = EditAcceptedOut(job_id=sub.job.id, edit_id=sub.edit_id, status=sub.job.status)
+            return JSONResponse(accepted.model_dump(), status_code=202,
+                                headers={"Location": f"/jobs/{sub.job.id}", "Preference-Applied": "respond-async"})
+        timeout = min(wait or rt.settings.edit_wait_seconds, rt.settings.edit_wait_seconds)
+        result = await run_in_threadpool(rt.edit_jobs.wait, sub, timeout)
+    else:
+        result = await run_in_threadpool(
+            rt.edits.create, req, actor=who.key_id, idempotency_key=idempotency_key
+        )
     if result.replayed:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"

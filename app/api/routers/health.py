@@ -27,7 +27,18 @@ def health_report(rt: Runtime) -> HealthOut:
     return HealthOut(
         status="ok" if ok else "degraded", model=rt.lm.name, device=str(rt.lm.device), database=db, redis=redis,
         edits_active=_active_edits(rt) if db["ok"] else None, selector_keys=len(rt.selector),
+        training=_training(rt),
+        engine=rt.answers.engine.status() if rt.answers.engine is not None else {"kind": "local", "answering": "local"},
     )
+
+
+def _training(rt: Runtime) -> dict:
+    if rt.queue is None:
+        return {"mode": "local"}
+    try:
+        return {"mode": "workers", "workers": len(rt.queue.workers())}
+    except Exception:  # noqa: BLE001 - health reports, never raises
+        return {"mode": "workers", "workers": None}
 
 
 def _active_edits(rt: Runtime) -> int | None:
