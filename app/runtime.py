@@ -10,7 +10,8 @@ from pathlib import Path
 from app.lm.engine import LM
 from app.selector.memory import KeyMemory, build_memory
 from app.services.answers import AnswerService
-from app.services.calibrations import CalibrationService, DetectService
+from app.services.calibrations import CalibrationService
+from app.services.detect import DetectService
 from app.services.deltas import DeltaCache
 from app.services.edits import EditService
 from app.services.jobs import JobRunner

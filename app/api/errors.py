@@ -61,7 +61,8 @@ def error_body(code: str, message: str, **extra) -> dict:
 def install(app: FastAPI) -> None:
     @app.exception_handler(FactpatchError)
     async def _service_error(_req: Request, exc: FactpatchError):
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+        extra = {"details": exc.details} if getattr(exc, "details", None) else {}
+        return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
