@@ -161,3 +161,25 @@ def test_development_sentences_have_one_true_and_three_false_fillers_of_the_rela
         assert m.blank == s.blank
         truth = [(f.subject, f.relation, f.object) in known for f in fs]
         assert truth.index(True) == s.answer and sum(truth) == 1
+
+
+def test_detect_report_puts_every_score_side_by_side(lm, tmp_path):
+    from app.cli_detect import SCORES, markdown, measure_sets, plot, report
+    from app.knowledge.statement import DEFAULT_THRESHOLDS
+
+    facts = [Fact(f"Person {i}", city, "P19") for i, city in enumerate(["Paris", "Rome", "Oslo", "Lima"] * 3)]
+    facts += [Fact(f"Land {i}", f"Town {i}", "P36") for i in range(8)]
+    data = measure_sets(lm, facts, n=8, n_sentences=6, seed=0, max_paraphrases=2, batch_size=16)
+    assert len(data["pairs"]) == 8 and len(data["sentences"]) == 6
+    assert {p["split"] for p in data["pairs"]} <= {"tune", "heldout"}
+    r = report(data, paraphrases=2, weight=0.25, thresholds=dict(DEFAULT_THRESHOLDS))
+    r.update(model="tiny", file="f", seed=0, seconds=1.0, paraphrases=2, weight=0.25, command="", date="d")
+    for split in ("tune", "heldout"):
+        for name in SCORES:
+            m = r["splits"][split][name]["default_threshold"]
+            assert 0.0 <= m["top1"] <= 1.0 or math.isnan(m["top1"])
+            assert m["threshold"] == DEFAULT_THRESHOLDS[name]
+    md = markdown(r)
+    assert all(name in md for name in SCORES) and "top-1" in md
+    plot(data, r, tmp_path / "detect.png")
+    assert (tmp_path / "detect.png").stat().st_size > 1000

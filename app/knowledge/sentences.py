@@ -99,8 +99,8 @@ def sentence_facts(sentence: str, candidates: Sequence[str], relation: str | Non
         where = f"relation {get_relation(relation, relations).relation}" if relation else "any relation"
         raise KnowledgeError(
             f"the sentence matches no template of {where}; write it in the words of one of the relation's "
-            "templates (GET /relations lists them is not needed: the LAMA and ParaRel forms are accepted) "
-            "or send facts with an explicit template and negatives", "sentence_not_matched")
+            "LAMA or ParaRel templates, or send facts with an explicit template and negatives",
+            "sentence_not_matched")
     if m.blank == "subject":
         facts = [Fact(subject=c, object=m.other, relation=m.relation) for c in cands]
     else:
