@@ -54,7 +54,7 @@ LABELS = {
     "cka_paper": "CKA (Dong et al. 2022)",
     "p_object": "raw P(o|s,r)",
 }
-GRID_PARAPHRASES = (1, 2, 3, 4, 5)
+GRID_PARAPHRASES = (1, 2, 3, 4)
 GRID_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 
 
@@ -271,8 +271,8 @@ def load_lm(model: str | None):
 
 def detect(
     file: Optional[Path] = typer.Option(None, "--file", help="JSON lines of facts: T-REx {sub_label, relation, obj_label} or {subject, relation, object}."),
-    n: int = typer.Option(300, "--n", min=2, help="T-REx true facts, each paired with a corrupted one."),
-    sentences: int = typer.Option(100, "--sentences", min=0, help="Candidate sentences (1 true + 3 false fillers)."),
+    n: int = typer.Option(200, "--n", min=2, help="T-REx true facts, each paired with a corrupted one."),
+    sentences: int = typer.Option(90, "--sentences", min=0, help="Candidate sentences (1 true + 3 false fillers)."),
     out: Path = typer.Option(Path("results/detect"), "--out", help="Folder for detect.md, detect.json, measurements.json, detect.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of the samples and the false fillers."),
     paraphrases: int = typer.Option(DEFAULT_PARAPHRASES, "--paraphrases", min=1, help="True templates per relation for the reported scores."),
