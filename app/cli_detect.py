@@ -38,6 +38,7 @@ from app.knowledge.statement import (
     DEFAULT_ALPHA,
     DEFAULT_NEGATIVE_WEIGHT,
     DEFAULT_PARAPHRASES,
+    DEFAULT_PMI_WEIGHT,
     DEFAULT_THRESHOLDS,
     StatementScores,
     all_scores,
@@ -49,13 +50,14 @@ log = logging.getLogger(__name__)
 
 SCORES = ("contrast", "pmi", "cka_paper", "p_object")
 LABELS = {
-    "contrast": "contrast (default): PMI over paraphrases − w · false relations",
-    "pmi": "PMI over paraphrases (no contrast)",
+    "contrast": "contrast (default): log P(o|s,r) + β · PMI over paraphrases − w · false relations",
+    "pmi": "PMI of the filled sentences over paraphrases",
     "cka_paper": "CKA (Dong et al. 2022)",
     "p_object": "raw P(o|s,r)",
 }
-GRID_PARAPHRASES = (1, 2, 3, 4)
-GRID_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+GRID_PARAPHRASES = (1, 2, 4)
+GRID_PMI_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.4)
+GRID_WEIGHTS = (0.0, 0.1, 0.25, 1.0)
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -89,24 +91,25 @@ def _stmt(d: dict) -> StatementScores:
                               "parts": [tuple(x) for x in d["parts"]]})
 
 
-def score_of(d: dict, name: str, *, paraphrases: int, weight: float) -> float:
-    """One score of one measured fact, with ``paraphrases`` true templates and false-relation weight."""
+def score_of(d: dict, name: str, *, paraphrases: int, weight: float, pmi_weight: float = DEFAULT_PMI_WEIGHT) -> float:
+    """One score of one measured fact, with ``paraphrases`` true templates, the weight of the
+    false relations and of the PMI term."""
     s = _stmt(d)
     n = len(s.pmi_true)
     k = max(1, min(paraphrases, n))
     s = StatementScores(pmi_true=s.pmi_true[:k], pmi_negative=s.pmi_negative, obj_logprob=s.obj_logprob,
-                        obj_tokens=s.obj_tokens, obj_logprob_negative=s.obj_logprob_negative, parts=s.parts)
-    return all_scores(s, negative_weight=weight, alpha=DEFAULT_ALPHA)[name]
+                        obj_tokens=s.obj_tokens, obj_logprob_negative=s.obj_logprob_negative,
+                        parts=s.parts[:k] + s.parts[n:])
+    return all_scores(s, negative_weight=weight, pmi_weight=pmi_weight, alpha=DEFAULT_ALPHA)[name]
 
 
 # -- metrics ---------------------------------------------------------------------------------
 
 
-def metrics(data: dict, split: str, name: str, *, paraphrases: int, weight: float,
-            threshold: float | None = None) -> dict:
+def metrics(data: dict, split: str, name: str, *, threshold: float | None = None, **kw) -> dict:
     pairs = [p for p in data["pairs"] if p["split"] == split]
     sents = [s for s in data["sentences"] if s["split"] == split]
-    sc = lambda d: score_of(d, name, paraphrases=paraphrases, weight=weight)  # noqa: E731
+    sc = lambda d: score_of(d, name, **kw)  # noqa: E731
     pos, neg = np.array([sc(p["true"]) for p in pairs]), np.array([sc(p["false"]) for p in pairs])
     top, by_slot, t_true, t_false = [], {"subject": [], "object": []}, [], []
     for s in sents:
@@ -150,27 +153,27 @@ def _values(data: dict, split: str, name: str, **kw) -> tuple[list[float], list[
     return pos, neg
 
 
-def report(data: dict, *, paraphrases: int, weight: float, thresholds: dict[str, float]) -> dict:
+def report(data: dict, *, paraphrases: int, weight: float, pmi_weight: float, thresholds: dict[str, float]) -> dict:
     """Grid on the tuning half, thresholds tuned there, every score on both halves."""
     grid = []
     for k in GRID_PARAPHRASES:
-        for w in GRID_WEIGHTS:
-            m = metrics(data, "tune", "contrast", paraphrases=k, weight=w)
-            grid.append({"paraphrases": k, "weight": w, **{x: m[x] for x in
-                         ("auroc_pairs", "top1", "top1_subject", "top1_object")}})
+        for b in GRID_PMI_WEIGHTS:
+            for w in GRID_WEIGHTS:
+                m = metrics(data, "tune", "contrast", paraphrases=k, weight=w, pmi_weight=b)
+                grid.append({"paraphrases": k, "pmi_weight": b, "weight": w, **{x: m[x] for x in
+                             ("auroc_pairs", "top1", "top1_subject", "top1_object")}})
+    kw = dict(paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight)
     tuned_thresholds = {}
     for name in SCORES:
-        pos, neg = _values(data, "tune", name, paraphrases=paraphrases, weight=weight)
+        pos, neg = _values(data, "tune", name, **kw)
         tuned_thresholds[name] = best_threshold(pos, neg)
     rows = {}
     for split in ("tune", "heldout"):
         rows[split] = {}
         for name in SCORES:
             rows[split][name] = {
-                "default_threshold": metrics(data, split, name, paraphrases=paraphrases, weight=weight,
-                                             threshold=thresholds[name]),
-                "tuned_threshold": metrics(data, split, name, paraphrases=paraphrases, weight=weight,
-                                           threshold=tuned_thresholds[name]),
+                "default_threshold": metrics(data, split, name, threshold=thresholds[name], **kw),
+                "tuned_threshold": metrics(data, split, name, threshold=tuned_thresholds[name], **kw),
             }
     return {"grid_tune": grid, "thresholds_default": thresholds, "thresholds_tuned": tuned_thresholds,
             "splits": rows}
@@ -185,12 +188,14 @@ def markdown(r: dict) -> str:
     lines = [
         f"# Detection scores: T-REx pairs and candidate sentences ({r['date']})", "",
         *([f"`{r['command']}`", ""] if r.get("command") else []),
+        *([f"Measurements made by `{r['measured_by']}`; the report is rebuilt from them by the command above.", ""]
+          if r.get("measured_by") and r.get("measured_by") != r.get("command") else []),
         f"Model `{r['model']}`; file `{r['file']}`; seed {r['seed']}; {r['seconds']:.0f} s. "
         f"Held-out half (never tuned on): {first['n_pairs']} T-REx true/corrupted pairs, "
         f"{first['n_sentences']} candidate sentences ({first['n_subject']} with the blank in the subject slot, "
         f"{first['n_object']} in the object slot; 1 true + 3 false fillers of the relation). "
-        f"Default score `contrast` with {r['paraphrases']} templates per relation and false-relation weight "
-        f"{r['weight']:g}.", "",
+        f"Default score `contrast` with {r['paraphrases']} templates per relation, PMI weight β = "
+        f"{r['pmi_weight']:g} and false-relation weight w = {r['weight']:g}.", "",
         "| score | AUROC pairs | top-1 sentences | top-1 blank subject | top-1 blank object | AUROC sentence fillers |",
         "|---|---|---|---|---|---|",
     ]
@@ -218,11 +223,12 @@ def markdown(r: dict) -> str:
         m = t[name]["default_threshold"]
         lines.append(f"| {name} | {m['auroc_pairs']:.3f} | {m['top1']:.0%} | {m['top1_subject']:.0%} | "
                      f"{m['top1_object']:.0%} |")
-    lines += ["", "Choices of `contrast` on the tuning half (templates per relation × weight of the false relations):",
-              "", "| templates | weight | AUROC pairs | top-1 | top-1 subject | top-1 object |", "|---|---|---|---|---|---|"]
+    lines += ["", "Choices of `contrast` on the tuning half (templates per relation k, PMI weight β, weight of the "
+              "false relations w; β = 0, w = 0 is raw log P(o|s,r), β = 0, w = 1 is log CKA with geometric means):",
+              "", "| k | β | w | AUROC pairs | top-1 | top-1 subject | top-1 object |", "|---|---|---|---|---|---|---|"]
     for g in r["grid_tune"]:
-        lines.append(f"| {g['paraphrases']} | {g['weight']:g} | {g['auroc_pairs']:.3f} | {g['top1']:.0%} | "
-                     f"{g['top1_subject']:.0%} | {g['top1_object']:.0%} |")
+        lines.append(f"| {g['paraphrases']} | {g['pmi_weight']:g} | {g['weight']:g} | {g['auroc_pairs']:.3f} | "
+                     f"{g['top1']:.0%} | {g['top1_subject']:.0%} | {g['top1_object']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +238,7 @@ def plot(data: dict, r: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kw = dict(paraphrases=r["paraphrases"], weight=r["weight"])
+    kw = dict(paraphrases=r["paraphrases"], weight=r["weight"], pmi_weight=r["pmi_weight"])
     h = r["splits"]["heldout"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5))
     for name in SCORES:
@@ -277,6 +283,7 @@ def detect(
     seed: int = typer.Option(0, "--seed", help="Seed of the samples and the false fillers."),
     paraphrases: int = typer.Option(DEFAULT_PARAPHRASES, "--paraphrases", min=1, help="True templates per relation for the reported scores."),
     weight: float = typer.Option(DEFAULT_NEGATIVE_WEIGHT, "--negative-weight", help="Weight of the false relations in `contrast`."),
+    pmi_weight: float = typer.Option(DEFAULT_PMI_WEIGHT, "--pmi-weight", help="Weight of the PMI term in `contrast`."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Sentences per forward pass."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: FACTPATCH_MODEL)."),
@@ -297,11 +304,14 @@ def detect(
         lm = load_lm(model)
         data = measure_sets(lm, load_facts(file), n=n, n_sentences=sentences, seed=seed,
                             max_paraphrases=max(GRID_PARAPHRASES), batch_size=batch_size)
-        meta = {"model": lm.name, "file": str(file), "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}
-    r = report(data, paraphrases=paraphrases, weight=weight, thresholds=dict(DEFAULT_THRESHOLDS))
+        from app.eval.cli import command_text as _cmd
+
+        meta = {"model": lm.name, "file": str(file), "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+                "measured_by": _cmd("detect")}
+    r = report(data, paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight, thresholds=dict(DEFAULT_THRESHOLDS))
     from app.eval.cli import command_text
 
-    r.update(meta, paraphrases=paraphrases, weight=weight, command=command_text("detect"),
+    r.update(meta, paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight, command=command_text("detect"),
              date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
     out.mkdir(parents=True, exist_ok=True)
     if not from_measurements:

@@ -10,6 +10,8 @@ import pytest
 from app.knowledge.facts import FIELD_ALIASES, Fact, fact_from_dict, resolve
 from app.knowledge.sentences import build_sentences, match_sentence, sentence_facts
 from app.knowledge.statement import (
+    DEFAULT_OBJECT_NULL,
+    DEFAULT_PMI_WEIGHT,
     NEUTRAL,
     Assessment,
     assess_statements,
@@ -48,21 +50,30 @@ def test_sentence_scores_are_the_model_log_probabilities_after_a_boundary(lm):
     assert n >= 1 and lp == pytest.approx(sum(scored[0].logprobs[first : first + n]))
 
 
-def test_pmi_is_the_interaction_of_the_two_fillers_and_contrast_subtracts_false_relations(lm):
+def test_scores_combine_the_filled_sentences_as_documented(lm):
     t, negs = "[X] is married to [Y].", ("[X] has never met [Y].", "[Y] divorced [X].")
     fact = Fact("Alice", "Bob", None, t, negs)
 
-    def pmi(template, s, o):
+    def parts(template, s, o):
         texts = [fill(template, a, b).text for a, b in ((s, o), (s, NEUTRAL), (NEUTRAL, o), (NEUTRAL, NEUTRAL))]
-        a, b, c, d = (x.total() for x in score_texts(lm, texts))
-        return a - b - c + d
+        return [x.total() for x in score_texts(lm, texts)]
 
     [res] = assess_statements(lm, [fact], negative_weight=0.5)
     assert isinstance(res, Assessment) and res.score_name == "contrast"
-    expected_neg = sum(pmi(n, "Alice", "Bob") for n in negs) / 2
-    assert res.scores["pmi"] == pytest.approx(pmi(t, "Alice", "Bob"), abs=1e-4)
-    assert res.scores["pmi_negative"] == pytest.approx(expected_neg, abs=1e-4)
-    assert res.score == pytest.approx(res.scores["pmi"] - 0.5 * expected_neg, abs=1e-6)
+    a, b, c, d = parts(t, "Alice", "Bob")
+    assert res.scores["pmi"] == pytest.approx(a - b - DEFAULT_OBJECT_NULL * (c - d), abs=1e-4)
+    assert res.scores["pmi_symmetric"] == pytest.approx(a - b - c + d, abs=1e-4)
+    # the object's in-context log-probability: its tokens in the scored sentence
+    f = fill(t, "Alice", "Bob")
+    lp, n, _ = score_texts(lm, [f.text])[0].span(*f.object_span)
+    assert res.scores["p_object"] == pytest.approx(math.exp(lp / n), rel=1e-3)
+    neg_lp = []
+    for nt in negs:
+        g = fill(nt, "Alice", "Bob")
+        x, k, _ = score_texts(lm, [g.text])[0].span(*g.object_span)
+        neg_lp.append(x / k)
+    expected = lp / n + DEFAULT_PMI_WEIGHT * res.scores["pmi"] - 0.5 * sum(neg_lp) / 2
+    assert res.score == pytest.approx(expected, abs=1e-4)
     [neutral] = assess_statements(lm, [Fact("Alice", NEUTRAL, None, t, negs)])
     assert neutral.scores["pmi"] == pytest.approx(0.0, abs=1e-4)  # a neutral filler adds nothing
     # the paper's CKA from the same passes: the object's per-token probability against the false relations'
@@ -172,8 +183,9 @@ def test_detect_report_puts_every_score_side_by_side(lm, tmp_path):
     data = measure_sets(lm, facts, n=8, n_sentences=6, seed=0, max_paraphrases=2, batch_size=16)
     assert len(data["pairs"]) == 8 and len(data["sentences"]) == 6
     assert {p["split"] for p in data["pairs"]} <= {"tune", "heldout"}
-    r = report(data, paraphrases=2, weight=0.25, thresholds=dict(DEFAULT_THRESHOLDS))
-    r.update(model="tiny", file="f", seed=0, seconds=1.0, paraphrases=2, weight=0.25, command="", date="d")
+    r = report(data, paraphrases=2, weight=0.25, pmi_weight=0.1, thresholds=dict(DEFAULT_THRESHOLDS))
+    r.update(model="tiny", file="f", seed=0, seconds=1.0, paraphrases=2, weight=0.25, pmi_weight=0.1, command="",
+             date="d")
     for split in ("tune", "heldout"):
         for name in SCORES:
             m = r["splits"][split][name]["default_threshold"]

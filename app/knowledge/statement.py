@@ -1,24 +1,24 @@
-"""Contrastive knowledge assessment made for causal models: whole filled statements, several
-paraphrased templates, false relations as contrast, and the fillers' own frequency removed.
+"""Knowledge assessment for causal models: whole filled statements over several paraphrased
+templates, the fillers' own frequency removed, and the paper's false-relation contrast.
 
 For one template ``t`` and a fact ``(s, o)``, ``L_t(s, o)`` is the log-probability the base model
-(completion form) gives the filled sentence after a document boundary: every token, so both the
-slot and the words after it are scored in context, whichever slot comes first. What the pair adds
-beyond its parts is the pointwise mutual information of the two fillers under the template:
+(completion form) gives the filled sentence after a document boundary: every token, so the slot
+and the words after it are scored in context, whichever slot comes first. With ``n`` a neutral
+filler ("something"), what the pair adds beyond the subject alone is
 
-    pmi_t(s, o) = L_t(s, o) - L_t(s, n) - L_t(n, o) + L_t(n, n)
+    pmi_t(s, o) = L_t(s, o) - L_t(s, n) - lambda * (L_t(n, o) - L_t(n, n))
 
-with ``n`` a neutral filler ("something"). The ``L_t(s, n)`` term removes the subject's own
-frequency and its fit to the template, ``L_t(n, o)`` the object's, so the score ranks candidates
-for either slot (a blank subject or a blank object). The assessment of a fact averages ``pmi_t``
-over the relation's first ``paraphrases`` true templates (the LAMA template, then ParaRel's) and
-contrasts it with the same pair under the relation's false-relation templates, as CKA does:
+(``lambda`` = 1: the full pointwise mutual information, symmetric in the two fillers;
+``lambda`` < 1 keeps part of the object's own frequency). The default score adds this, averaged
+over the relation's first ``paraphrases`` true templates (LAMA, then ParaRel), to the object's
+per-token log-probability in context, and subtracts the same under the false-relation templates:
 
-    contrast(s, r, o) = mean_{t in T(r)} pmi_t(s, o) - weight * mean_{t' in N(r)} pmi_t'(s, o)
+    contrast(s, r, o) = log P(o | s, r) + beta * mean_t pmi_t(s, o) - w * mean_{r'} log P(o | s, r')
 
-From the same forward passes come the paper's CKA (object after the prefix, ratio to the false
-relations) and the raw probability P(o | s, r) under the LAMA template, so a response carries
-every score. docs/detection.md has the measurement behind the defaults below.
+``w`` = 1 with ``beta`` = 0 is the paper's CKA in log space. The weights were chosen on the tuning
+half of ``factpatch detect``; on this model every ``w`` > 0 lowered both AUROC and top-1, so the
+default is ``w`` = 0 (docs/detection.md). From the same forward passes come the paper's CKA (ratio
+of probabilities) and the raw probability P(o | s, r), so a response carries every score.
 """
 
 from __future__ import annotations
@@ -40,10 +40,13 @@ SCORE_NAMES: tuple[str, ...] = ("contrast", "pmi", "cka_paper", "p_object")
 NEUTRAL = "something"
 DEFAULT_SCORE: ScoreName = "contrast"
 DEFAULT_PARAPHRASES = 4
-DEFAULT_NEGATIVE_WEIGHT = 0.25
+DEFAULT_NEGATIVE_WEIGHT = 0.0  # weight of the false relations in `contrast`: any weight > 0 lowered it (tuning half)
+DEFAULT_PMI_WEIGHT = 0.05
+DEFAULT_OBJECT_NULL = 0.5
 DEFAULT_ALPHA = 1e-9  # CKA smoothing, as in app.knowledge.cka
-# Verdict thresholds per score (score >= threshold: "true"), chosen on the tuning split.
-DEFAULT_THRESHOLDS: dict[str, float] = {"contrast": 1.0, "pmi": 1.0, "cka_paper": 1.0, "p_object": 0.05}
+# Verdict thresholds per score (score >= threshold: "true"): best balanced accuracy on the tuning
+# half of `factpatch detect` (results/detect), except the paper's CKA, which keeps the paper's 1.
+DEFAULT_THRESHOLDS: dict[str, float] = {"contrast": -7.83, "pmi": 4.93, "cka_paper": 1.0, "p_object": 3.1e-4}
 MAX_FACTS = 1000
 
 
@@ -246,15 +249,21 @@ def _prob(lp: float, n: int) -> float:
 
 
 def all_scores(m: StatementScores, *, negative_weight: float = DEFAULT_NEGATIVE_WEIGHT,
+               pmi_weight: float = DEFAULT_PMI_WEIGHT, object_null: float = DEFAULT_OBJECT_NULL,
                alpha: float = DEFAULT_ALPHA) -> dict[str, float]:
-    pmi = float(np.mean(m.pmi_true))
-    neg = float(np.mean(m.pmi_negative)) if m.pmi_negative else 0.0
-    p = _prob(m.obj_logprob, m.obj_tokens)
-    pn = float(np.mean([_prob(lp, n) for lp, n in m.obj_logprob_negative])) if m.obj_logprob_negative else float("nan")
+    """Every score of one measured fact (see the module docstring)."""
+    pmi = float(np.mean([so - sn - object_null * (no - nn) for so, sn, no, nn in m.parts[: len(m.pmi_true)]]))
+    pmi_full = float(np.mean(m.pmi_true))
+    neg_full = float(np.mean(m.pmi_negative)) if m.pmi_negative else float("nan")
+    lp = m.obj_logprob / max(1, m.obj_tokens)
+    lpn = float(np.mean([a / max(1, b) for a, b in m.obj_logprob_negative])) if m.obj_logprob_negative else 0.0
+    p = math.exp(lp)
+    pn = float(np.mean([_prob(a, b) for a, b in m.obj_logprob_negative])) if m.obj_logprob_negative else float("nan")
     return {
-        "contrast": pmi - negative_weight * neg,
+        "contrast": lp + pmi_weight * pmi - negative_weight * lpn,
         "pmi": pmi,
-        "pmi_negative": neg,
+        "pmi_symmetric": pmi_full,
+        "pmi_symmetric_negative": neg_full,
         "cka_paper": (p + alpha) / (pn + alpha) if m.obj_logprob_negative else float("nan"),
         "p_object": p,
         "p_object_negative": pn,
