@@ -131,7 +131,7 @@ def _register_measurements() -> None:
     from app.eval.cli import register
 
     register(app)
-    app.command("detect", help="CKA against raw probability and rank-based assessment on true vs corrupted facts.")(detect)
+    app.command("detect", help="Every detection score on T-REx true vs corrupted facts (AUROC) and candidate sentences (top-1).")(detect)
     app.command("calibrate", help="CaliNet on facts the model gets wrong: false rate, EM/F1, perplexity before and after.")(
         calibrate_cmd
     )

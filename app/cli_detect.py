@@ -1,20 +1,29 @@
-"""``factpatch detect``: how well CKA separates true facts from false ones on a facts file.
+"""``factpatch detect``: how well each detection score tells true facts from false ones.
 
-Each true fact is paired with a false one: the same subject and relation with the object of
-another fact of the same relation. Scores compared (AUROC, true facts as positives): CKA, the
-raw P(o | s, r) under the LAMA template, and rank-based assessment (rank of the object's first
-token among all next tokens, and among the first tokens of the relation's candidate objects).
-The pairs are split in two halves: design choices and the threshold are chosen on the dev half,
-the numbers that matter are reported on the test half.
+Two measurements from one pass of the model:
+
+* T-REx pairs: each true fact against a false one (same subject and relation, the object of
+  another fact of the relation); AUROC of every score, true facts as positives.
+* Candidate sentences: a template of the relation with a blank in the subject slot (two thirds)
+  or the object slot, the true filler and three false fillers of the same relation; top-1 (the
+  true filler scores highest) per score, overall and per slot, and verdict accuracy (true
+  fillers judged true, false fillers judged false).
+
+Items are split by (relation, subject) into a tuning half and a held-out half
+(``app.knowledge.sentences.fact_split``): the scoring choices (paraphrases, weight of the false
+relations) and a threshold per score are chosen on the tuning half, and the held-out half is
+reported. The raw per-template measurements are written too (``measurements.json``), so the
+report can be rebuilt without the model (``--from-measurements``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -22,265 +31,239 @@ from typing import Optional
 import numpy as np
 import typer
 
-from app.knowledge.cka import (
+from app.knowledge.cka import auroc, best_threshold, roc_curve
+from app.knowledge.facts import Fact, corrupt_pairs, load_facts, object_pool, resolve
+from app.knowledge.sentences import build_sentences, fact_split, sentence_facts
+from app.knowledge.statement import (
     DEFAULT_ALPHA,
-    DEFAULT_LENGTH_NORM,
-    DEFAULT_SCORING,
-    DEFAULT_THRESHOLD,
-    DEFAULT_TOP_K,
-    FactScores,
-    auroc,
-    best_threshold,
-    first_token_id,
-    judge,
-    roc_curve,
-    score_facts,
-    validate_facts,
+    DEFAULT_NEGATIVE_WEIGHT,
+    DEFAULT_PARAPHRASES,
+    DEFAULT_PMI_WEIGHT,
+    DEFAULT_THRESHOLDS,
+    StatementScores,
+    all_scores,
+    measure,
 )
-from app.knowledge.facts import Fact, corrupt_pairs, load_facts, object_pool
 from app.knowledge.templates import load_relations
 
 log = logging.getLogger(__name__)
 
-VARIANT_ALPHAS = (0.0, 1e-6, 1e-4, 1e-2)
+SCORES = ("contrast", "pmi", "cka_paper", "p_object")
+LABELS = {
+    "contrast": "contrast (default): log P(o|s,r) + β · PMI over paraphrases − w · false relations",
+    "pmi": "PMI of the filled sentences over paraphrases",
+    "cka_paper": "CKA (Dong et al. 2022)",
+    "p_object": "raw P(o|s,r)",
+}
+GRID_PARAPHRASES = (1, 2, 4)
+GRID_PMI_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.4)
+GRID_WEIGHTS = (0.0, 0.1, 0.25, 1.0)
 
 
-@dataclass
-class DetectionReport:
-    file: str
-    relation: str | None
-    n_pairs: int
-    n_dev: int
-    n_test: int
-    seed: int
-    top_k: int
-    alpha: float
-    scoring: str
-    length_norm: bool
-    threshold_default: float
-    threshold_dev: float
-    seconds: float
-    date: str
-    auroc_test: dict[str, float]
-    auroc_all: dict[str, float]
-    rates_test: dict[str, float]
-    variants_dev: list[dict] = field(default_factory=list)
-    per_relation_test: dict[str, dict] = field(default_factory=dict)
-    command: str = ""
+# -- measuring -------------------------------------------------------------------------------
 
 
-def candidate_ids(lm, pool: dict[str, list[str]], relations) -> dict[str, tuple[int, ...]]:
-    """First tokens of every candidate object of each relation, as written after its LAMA prefix."""
-    out = {}
-    for rid, objects in pool.items():
-        if rid not in relations:
-            continue
-        template = relations[rid].template
-        out[rid] = tuple(sorted({first_token_id(lm, template, "X", o) for o in objects if o.strip()}))
-    return out
-
-
-def _cka_values(facts, scores, *, alpha, scoring, length_norm) -> np.ndarray:
-    return np.array(
-        [judge(f, s, alpha=alpha, scoring=scoring, length_norm=length_norm).cka for f, s in zip(facts, scores)]
-    )
-
-
-def run_detection(
-    lm,
-    all_facts: list[Fact],
-    *,
-    relation: str | None = None,
-    n: int = 1000,
-    seed: int = 0,
-    top_k: int = DEFAULT_TOP_K,
-    alpha: float = DEFAULT_ALPHA,
-    scoring: str = DEFAULT_SCORING,
-    length_norm: bool = DEFAULT_LENGTH_NORM,
-    threshold: float = DEFAULT_THRESHOLD,
-    batch_size: int = 64,
-    file: str = "",
-) -> tuple[DetectionReport, dict]:
-    """Score ``n`` true/false pairs once and derive every metric from those scores."""
-    t0 = time.perf_counter()
+def measure_sets(lm, all_facts: list[Fact], *, n: int, n_sentences: int, seed: int, max_paraphrases: int,
+                 batch_size: int) -> dict:
+    """Build the T-REx pairs and candidate sentences and score every filled sentence once."""
     relations = load_relations()
     usable = [f for f in all_facts if f.relation in relations and f.subject.strip() and f.object.strip()]
     pool = object_pool(usable)
-    chosen = [f for f in usable if relation is None or f.relation == relation]
-    if n < len(chosen):
-        chosen = random.Random(seed).sample(chosen, n)
+    chosen = random.Random(seed).sample(usable, min(n, len(usable)))
     pairs = corrupt_pairs(chosen, pool, seed=seed, known=usable)
-    if not pairs:
-        raise typer.BadParameter("no fact could be paired with a false object")
-    true_facts = [t for t, _ in pairs]
-    false_facts = [f for _, f in pairs]
-    cands = candidate_ids(lm, pool, relations)
-    scores_true = score_facts(lm, true_facts, validate_facts(true_facts, max_facts=None), candidates=cands,
-                              with_suffix=True, batch_size=batch_size)
-    scores_false = score_facts(lm, false_facts, validate_facts(false_facts, max_facts=None), candidates=cands,
-                               with_suffix=True, batch_size=batch_size)
-    order = list(range(len(pairs)))
-    random.Random(seed + 1).shuffle(order)
-    dev, test = sorted(order[: len(order) // 2]), sorted(order[len(order) // 2 :])
+    sents = build_sentences(usable, n=n_sentences, seed=seed + 1, relations=relations)
+    sent_facts = [sentence_facts(cs.sentence, cs.candidates, cs.relation, relations)[1] for cs in sents]
+    flat = [f for t, c in pairs for f in (t, c)] + [f for fs in sent_facts for f in fs]
+    m = measure(lm, flat, [resolve(f, relations) for f in flat], paraphrases=max_paraphrases, batch_size=batch_size)
+    out = {"pairs": [], "sentences": []}
+    for i, (t, c) in enumerate(pairs):
+        out["pairs"].append({"split": fact_split(t), "relation": t.relation, "subject": t.subject, "object": t.object,
+                             "false_object": c.object, "true": asdict(m[2 * i]), "false": asdict(m[2 * i + 1])})
+    k = 2 * len(pairs)
+    for cs, fs in zip(sents, sent_facts):
+        out["sentences"].append({**asdict(cs), "scores": [asdict(x) for x in m[k : k + len(fs)]]})
+        k += len(fs)
+    return out
 
-    def metric_arrays(idx: list[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        tf, ff = [true_facts[i] for i in idx], [false_facts[i] for i in idx]
-        st, sf = [scores_true[i] for i in idx], [scores_false[i] for i in idx]
-        opts = dict(alpha=alpha, scoring=scoring, length_norm=length_norm)
-        return {
-            "cka": (_cka_values(tf, st, **opts), _cka_values(ff, sf, **opts)),
-            "p_object": (_probs(st, scoring, length_norm), _probs(sf, scoring, length_norm)),
-            "rank_vocab": (-np.array([s.main.first_rank for s in st]), -np.array([s.main.first_rank for s in sf])),
-            "rank_candidates": (
-                -np.array([s.main.candidate_rank for s in st]), -np.array([s.main.candidate_rank for s in sf])
-            ),
-        }
 
-    test_arrays, dev_arrays, all_arrays = metric_arrays(test), metric_arrays(dev), metric_arrays(order)
-    thr_dev = best_threshold(*dev_arrays["cka"])
-    pos, neg = test_arrays["cka"]
-    rank_pos, rank_neg = test_arrays["rank_vocab"]
-    rates = {
-        "false_rate_cka_default": float((pos < threshold).mean()),
-        "detected_false_cka_default": float((neg < threshold).mean()),
-        "false_rate_cka_dev_threshold": float((pos < thr_dev).mean()),
-        "detected_false_cka_dev_threshold": float((neg < thr_dev).mean()),
-        "false_rate_rank_topk": float((-rank_pos >= top_k).mean()),
-        "detected_false_rank_topk": float((-rank_neg >= top_k).mean()),
-        "auroc_rank_topk_binary": auroc((-rank_pos < top_k).astype(float), (-rank_neg < top_k).astype(float)),
+def _stmt(d: dict) -> StatementScores:
+    return StatementScores(**{**d, "obj_logprob_negative": [tuple(x) for x in d["obj_logprob_negative"]],
+                              "parts": [tuple(x) for x in d["parts"]]})
+
+
+def score_of(d: dict, name: str, *, paraphrases: int, weight: float, pmi_weight: float = DEFAULT_PMI_WEIGHT) -> float:
+    """One score of one measured fact, with ``paraphrases`` true templates, the weight of the
+    false relations and of the PMI term."""
+    s = _stmt(d)
+    n = len(s.pmi_true)
+    k = max(1, min(paraphrases, n))
+    s = StatementScores(pmi_true=s.pmi_true[:k], pmi_negative=s.pmi_negative, obj_logprob=s.obj_logprob,
+                        obj_tokens=s.obj_tokens, obj_logprob_negative=s.obj_logprob_negative,
+                        parts=s.parts[:k] + s.parts[n:])
+    return all_scores(s, negative_weight=weight, pmi_weight=pmi_weight, alpha=DEFAULT_ALPHA)[name]
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def metrics(data: dict, split: str, name: str, *, threshold: float | None = None, **kw) -> dict:
+    pairs = [p for p in data["pairs"] if p["split"] == split]
+    sents = [s for s in data["sentences"] if s["split"] == split]
+    sc = lambda d: score_of(d, name, **kw)  # noqa: E731
+    pos, neg = np.array([sc(p["true"]) for p in pairs]), np.array([sc(p["false"]) for p in pairs])
+    top, by_slot, t_true, t_false = [], {"subject": [], "object": []}, [], []
+    for s in sents:
+        v = [sc(m) for m in s["scores"]]
+        ok = bool(int(np.nanargmax(v)) == s["answer"]) if not all(math.isnan(x) for x in v) else False
+        top.append(ok)
+        by_slot[s["blank"]].append(ok)
+        t_true.append(v[s["answer"]])
+        t_false += [x for j, x in enumerate(v) if j != s["answer"]]
+    out = {
+        "n_pairs": len(pairs), "n_sentences": len(sents),
+        "n_subject": len(by_slot["subject"]), "n_object": len(by_slot["object"]),
+        "auroc_pairs": auroc(pos, neg),
+        "top1": float(np.mean(top)) if top else float("nan"),
+        "top1_subject": float(np.mean(by_slot["subject"])) if by_slot["subject"] else float("nan"),
+        "top1_object": float(np.mean(by_slot["object"])) if by_slot["object"] else float("nan"),
+        "auroc_sentence_fillers": auroc(t_true, t_false),
     }
-    report = DetectionReport(
-        file=file, relation=relation, n_pairs=len(pairs), n_dev=len(dev), n_test=len(test), seed=seed,
-        top_k=top_k, alpha=alpha, scoring=scoring, length_norm=length_norm, threshold_default=threshold,
-        threshold_dev=thr_dev, seconds=round(time.perf_counter() - t0, 1),
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        auroc_test={k: auroc(*v) for k, v in test_arrays.items()},
-        auroc_all={k: auroc(*v) for k, v in all_arrays.items()},
-        rates_test=rates,
-        variants_dev=_variants(true_facts, false_facts, scores_true, scores_false, dev),
-        per_relation_test=_per_relation(true_facts, test, test_arrays["cka"], threshold),
-    )
-    return report, test_arrays
+    if threshold is not None:
+        out.update({
+            "threshold": threshold,
+            "pairs_true_judged_true": float((pos >= threshold).mean()),
+            "pairs_false_judged_false": float((neg < threshold).mean()),
+            "sentences_true_judged_true": float((np.array(t_true) >= threshold).mean()),
+            "sentences_false_judged_false": float((np.array(t_false) < threshold).mean()),
+        })
+    return out
 
 
-def _probs(scores: list[FactScores], scoring: str, length_norm: bool) -> np.ndarray:
-    return np.array([s.main.prob(scoring=scoring, length_norm=length_norm) for s in scores])
+def _values(data: dict, split: str, name: str, **kw) -> tuple[list[float], list[float]]:
+    """(true, false) values of every item of a split: pairs and sentence fillers together."""
+    pos, neg = [], []
+    for p in data["pairs"]:
+        if p["split"] == split:
+            pos.append(score_of(p["true"], name, **kw))
+            neg.append(score_of(p["false"], name, **kw))
+    for s in data["sentences"]:
+        if s["split"] == split:
+            for j, m in enumerate(s["scores"]):
+                (pos if j == s["answer"] else neg).append(score_of(m, name, **kw))
+    return pos, neg
 
 
-def _variants(true_facts, false_facts, scores_true, scores_false, idx) -> list[dict]:
-    """AUROC on the dev half for each scoring choice: the measurement behind the defaults."""
-    tf, ff = [true_facts[i] for i in idx], [false_facts[i] for i in idx]
-    st, sf = [scores_true[i] for i in idx], [scores_false[i] for i in idx]
-    rows = []
-    for scoring in ("prefix", "sentence"):
-        for length_norm in (False, True):
-            row = {"scoring": scoring, "length_norm": length_norm,
-                   "auroc_p_object": auroc(_probs(st, scoring, length_norm), _probs(sf, scoring, length_norm))}
-            for alpha in VARIANT_ALPHAS:
-                opts = dict(alpha=alpha, scoring=scoring, length_norm=length_norm)
-                row[f"auroc_cka_alpha_{alpha:g}"] = auroc(_cka_values(tf, st, **opts), _cka_values(ff, sf, **opts))
-            rows.append(row)
-    return rows
-
-
-def _per_relation(true_facts, idx, cka_arrays, threshold) -> dict[str, dict]:
-    pos, neg = cka_arrays
-    by_rel: dict[str, list[int]] = {}
-    for j, i in enumerate(idx):
-        by_rel.setdefault(true_facts[i].relation, []).append(j)
-    return {
-        rel: {"n": len(js), "auroc_cka": auroc(pos[js], neg[js]), "false_rate": float((pos[js] < threshold).mean())}
-        for rel, js in sorted(by_rel.items())
-    }
+def report(data: dict, *, paraphrases: int, weight: float, pmi_weight: float, thresholds: dict[str, float]) -> dict:
+    """Grid on the tuning half, thresholds tuned there, every score on both halves."""
+    grid = []
+    for k in GRID_PARAPHRASES:
+        for b in GRID_PMI_WEIGHTS:
+            for w in GRID_WEIGHTS:
+                m = metrics(data, "tune", "contrast", paraphrases=k, weight=w, pmi_weight=b)
+                grid.append({"paraphrases": k, "pmi_weight": b, "weight": w, **{x: m[x] for x in
+                             ("auroc_pairs", "top1", "top1_subject", "top1_object")}})
+    kw = dict(paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight)
+    tuned_thresholds = {}
+    for name in SCORES:
+        pos, neg = _values(data, "tune", name, **kw)
+        tuned_thresholds[name] = best_threshold(pos, neg)
+    rows = {}
+    for split in ("tune", "heldout"):
+        rows[split] = {}
+        for name in SCORES:
+            rows[split][name] = {
+                "default_threshold": metrics(data, split, name, threshold=thresholds[name], **kw),
+                "tuned_threshold": metrics(data, split, name, threshold=tuned_thresholds[name], **kw),
+            }
+    return {"grid_tune": grid, "thresholds_default": thresholds, "thresholds_tuned": tuned_thresholds,
+            "splits": rows}
 
 
 # -- output ----------------------------------------------------------------------------------
 
-_LABELS = {
-    "cka": "CKA",
-    "p_object": "raw P(o|s,r)",
-    "rank_vocab": "rank of o (all next tokens)",
-    "rank_candidates": "rank of o (relation's candidate objects)",
-}
 
-
-def markdown(report: DetectionReport) -> str:
-    r = report
+def markdown(r: dict) -> str:
+    h = r["splits"]["heldout"]
+    first = h["contrast"]["default_threshold"]
     lines = [
-        f"# CKA detection: {r.n_pairs} true/false pairs ({r.date})",
-        "",
-        *([f"`{r.command}`", ""] if r.command else []),
-        f"File `{r.file}`, relation {r.relation or 'all'}, seed {r.seed}; false facts: same subject and relation, "
-        f"object of another fact of the relation. Dev half {r.n_dev} pairs (choices, threshold), "
-        f"test half {r.n_test} pairs (reported). Scoring `{r.scoring}`, length_norm {r.length_norm}, "
-        f"alpha {r.alpha:g}; {r.seconds:.0f} s.",
-        "",
-        "| score | AUROC test | AUROC all |",
-        "|---|---|---|",
+        f"# Detection scores: T-REx pairs and candidate sentences ({r['date']})", "",
+        *([f"`{r['command']}`", ""] if r.get("command") else []),
+        *([f"Measurements made by `{r['measured_by']}`; the report is rebuilt from them by the command above.", ""]
+          if r.get("measured_by") and r.get("measured_by") != r.get("command") else []),
+        f"Model `{r['model']}`; file `{r['file']}`; seed {r['seed']}; {r['seconds']:.0f} s. "
+        f"Held-out half (never tuned on): {first['n_pairs']} T-REx true/corrupted pairs, "
+        f"{first['n_sentences']} candidate sentences ({first['n_subject']} with the blank in the subject slot, "
+        f"{first['n_object']} in the object slot; 1 true + 3 false fillers of the relation). "
+        f"Default score `contrast` with {r['paraphrases']} templates per relation, PMI weight β = "
+        f"{r['pmi_weight']:g} and false-relation weight w = {r['weight']:g}.", "",
+        "| score | AUROC pairs | top-1 sentences | top-1 blank subject | top-1 blank object | AUROC sentence fillers |",
+        "|---|---|---|---|---|---|",
     ]
-    for k, label in _LABELS.items():
-        lines.append(f"| {label} | {r.auroc_test[k]:.3f} | {r.auroc_all[k]:.3f} |")
-    rt = r.rates_test
+    for name in SCORES:
+        m = h[name]["default_threshold"]
+        lines.append(f"| {LABELS[name]} | {m['auroc_pairs']:.3f} | {m['top1']:.0%} | {m['top1_subject']:.0%} | "
+                     f"{m['top1_object']:.0%} | {m['auroc_sentence_fillers']:.3f} |")
     lines += [
-        f"| rank top-{r.top_k} (binary) | {rt['auroc_rank_topk_binary']:.3f} | |",
-        "",
-        "| assessment (test half) | true facts judged false (false rate) | false facts judged false |",
-        "|---|---|---|",
-        f"| CKA < {r.threshold_default:g} (default) | {rt['false_rate_cka_default']:.1%} | {rt['detected_false_cka_default']:.1%} |",
-        f"| CKA < {r.threshold_dev:.3g} (best on dev) | {rt['false_rate_cka_dev_threshold']:.1%} | {rt['detected_false_cka_dev_threshold']:.1%} |",
-        f"| first token not in top-{r.top_k} | {rt['false_rate_rank_topk']:.1%} | {rt['detected_false_rank_topk']:.1%} |",
-        "",
-        "Scoring choices, AUROC on the dev half:",
-        "",
-        "| scoring | length_norm | raw P | " + " | ".join(f"CKA a={a:g}" for a in VARIANT_ALPHAS) + " |",
-        "|---|---|---|" + "---|" * len(VARIANT_ALPHAS),
+        "", "Verdicts on the held-out half (score ≥ threshold: \"true\"); default thresholds are the service's, "
+        "tuned ones are chosen on the tuning half (best balanced accuracy over its pairs and fillers):", "",
+        "| score | threshold | pairs: true judged true | pairs: false judged false | sentences: true judged true | "
+        "sentences: false judged false |",
+        "|---|---|---|---|---|---|",
     ]
-    for v in r.variants_dev:
-        cells = " | ".join(f"{v[f'auroc_cka_alpha_{a:g}']:.3f}" for a in VARIANT_ALPHAS)
-        lines.append(f"| {v['scoring']} | {v['length_norm']} | {v['auroc_p_object']:.3f} | {cells} |")
-    lines += ["", "Per relation (test half):", "", "| relation | n | AUROC CKA | false rate |", "|---|---|---|---|"]
-    for rel, v in r.per_relation_test.items():
-        lines.append(f"| {rel} | {v['n']} | {v['auroc_cka']:.3f} | {v['false_rate']:.1%} |")
+    for name in SCORES:
+        for kind in ("default_threshold", "tuned_threshold"):
+            m = h[name][kind]
+            lines.append(f"| {name} | {m['threshold']:.4g} ({kind.split('_')[0]}) | {m['pairs_true_judged_true']:.0%} | "
+                         f"{m['pairs_false_judged_false']:.0%} | {m['sentences_true_judged_true']:.0%} | "
+                         f"{m['sentences_false_judged_false']:.0%} |")
+    t = r["splits"]["tune"]
+    lines += ["", "Tuning half, same scores:", "",
+              "| score | AUROC pairs | top-1 | top-1 subject | top-1 object |", "|---|---|---|---|---|"]
+    for name in SCORES:
+        m = t[name]["default_threshold"]
+        lines.append(f"| {name} | {m['auroc_pairs']:.3f} | {m['top1']:.0%} | {m['top1_subject']:.0%} | "
+                     f"{m['top1_object']:.0%} |")
+    lines += ["", "Choices of `contrast` on the tuning half (templates per relation k, PMI weight β, weight of the "
+              "false relations w; β = 0, w = 0 is raw log P(o|s,r), β = 0, w = 1 is log CKA with geometric means):",
+              "", "| k | β | w | AUROC pairs | top-1 | top-1 subject | top-1 object |", "|---|---|---|---|---|---|---|"]
+    for g in r["grid_tune"]:
+        lines.append(f"| {g['paraphrases']} | {g['pmi_weight']:g} | {g['weight']:g} | {g['auroc_pairs']:.3f} | "
+                     f"{g['top1']:.0%} | {g['top1_subject']:.0%} | {g['top1_object']:.0%} |")
     return "\n".join(lines) + "\n"
 
 
-def print_table(report: DetectionReport) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"CKA detection, {report.n_test} test pairs")
-    table.add_column("score")
-    table.add_column("AUROC test", justify="right")
-    table.add_column("AUROC all", justify="right")
-    for k, label in _LABELS.items():
-        table.add_row(label, f"{report.auroc_test[k]:.3f}", f"{report.auroc_all[k]:.3f}")
-    console = Console()
-    console.print(table)
-    rt = report.rates_test
-    console.print(
-        f"false rate (true facts judged false): CKA<{report.threshold_default:g}: {rt['false_rate_cka_default']:.1%}; "
-        f"CKA<{report.threshold_dev:.3g} (dev): {rt['false_rate_cka_dev_threshold']:.1%}; "
-        f"rank>= {report.top_k}: {rt['false_rate_rank_topk']:.1%}"
-    )
-
-
-def plot(report: DetectionReport, arrays: dict, path: Path) -> None:
+def plot(data: dict, r: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for k, label in _LABELS.items():
-        fpr, tpr = roc_curve(*arrays[k])
-        ax.plot(fpr, tpr, label=f"{label} ({report.auroc_test[k]:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("false facts judged true (FPR)")
-    ax.set_ylabel("true facts judged true (TPR)")
-    ax.set_title(f"ROC, {report.n_test} test pairs")
-    ax.legend(loc="lower right", fontsize=8)
+    kw = dict(paraphrases=r["paraphrases"], weight=r["weight"], pmi_weight=r["pmi_weight"])
+    h = r["splits"]["heldout"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5))
+    for name in SCORES:
+        pos = [score_of(p["true"], name, **kw) for p in data["pairs"] if p["split"] == "heldout"]
+        neg = [score_of(p["false"], name, **kw) for p in data["pairs"] if p["split"] == "heldout"]
+        fpr, tpr = roc_curve(pos, neg)
+        a1.plot(fpr, tpr, label=f"{name} ({h[name]['default_threshold']['auroc_pairs']:.3f})")
+    a1.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    a1.set_xlabel("corrupted facts judged true (FPR)")
+    a1.set_ylabel("true facts judged true (TPR)")
+    a1.set_title("T-REx pairs, held out: ROC")
+    a1.legend(loc="lower right", fontsize=8)
+    x = np.arange(3)
+    width = 0.8 / len(SCORES)
+    for i, name in enumerate(SCORES):
+        m = h[name]["default_threshold"]
+        a2.bar(x + i * width, [m["top1"], m["top1_subject"], m["top1_object"]], width, label=name)
+    a2.axhline(0.25, color="grey", linestyle=":", linewidth=1)
+    a2.set_xticks(x + width * (len(SCORES) - 1) / 2, ["all", "blank subject", "blank object"])
+    a2.set_ylim(0, 1)
+    a2.set_ylabel("true filler ranked first")
+    a2.set_title("Candidate sentences (4 fillers), held out")
+    a2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
@@ -293,37 +276,51 @@ def load_lm(model: str | None):
 
 
 def detect(
-    file: Path = typer.Option(..., "--file", help="JSON lines of facts: T-REx {sub_label, relation, obj_label} or {subject, relation, object}."),
-    relation: Optional[str] = typer.Option(None, "--relation", help="Keep only this LAMA relation id (e.g. P36)."),
-    n: int = typer.Option(1000, "--n", min=2, help="Number of true facts (each paired with a false one)."),
-    out: Path = typer.Option(Path("results/detect"), "--out", help="Folder for detect.md, detect.json and roc.png."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample, the false objects and the dev/test halves."),
-    top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", min=1, help="k of the rank-based assessment."),
-    threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="CKA below this: judged false."),
-    alpha: float = typer.Option(DEFAULT_ALPHA, "--alpha", min=0.0, help="Smoothing constant of CKA."),
-    scoring: str = typer.Option(DEFAULT_SCORING, "--scoring", help="prefix (object after the text before [Y]) or sentence (object plus the rest)."),
-    length_norm: bool = typer.Option(DEFAULT_LENGTH_NORM, "--length-norm/--no-length-norm", help="Per-token geometric mean instead of the product."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Prompts per forward pass."),
+    file: Optional[Path] = typer.Option(None, "--file", help="JSON lines of facts: T-REx {sub_label, relation, obj_label} or {subject, relation, object}."),
+    n: int = typer.Option(200, "--n", min=2, help="T-REx true facts, each paired with a corrupted one."),
+    sentences: int = typer.Option(90, "--sentences", min=0, help="Candidate sentences (1 true + 3 false fillers)."),
+    out: Path = typer.Option(Path("results/detect"), "--out", help="Folder for detect.md, detect.json, measurements.json, detect.png."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the samples and the false fillers."),
+    paraphrases: int = typer.Option(DEFAULT_PARAPHRASES, "--paraphrases", min=1, help="True templates per relation for the reported scores."),
+    weight: float = typer.Option(DEFAULT_NEGATIVE_WEIGHT, "--negative-weight", help="Weight of the false relations in `contrast`."),
+    pmi_weight: float = typer.Option(DEFAULT_PMI_WEIGHT, "--pmi-weight", help="Weight of the PMI term in `contrast`."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Sentences per forward pass."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: FACTPATCH_MODEL)."),
+    from_measurements: Optional[Path] = typer.Option(None, "--from-measurements", help="Rebuild the report from a measurements.json (no model)."),
 ) -> None:
-    """Measure CKA against raw probability and rank-based assessment on true vs corrupted facts."""
-    if scoring not in ("prefix", "sentence"):
-        raise typer.BadParameter("--scoring must be prefix or sentence")
-    lm = load_lm(model)
-    all_facts = load_facts(file)
-    report, arrays = run_detection(
-        lm, all_facts, relation=relation, n=n, seed=seed, top_k=top_k, alpha=alpha, scoring=scoring,
-        length_norm=length_norm, threshold=threshold, batch_size=batch_size, file=str(file),
-    )
+    """AUROC of every detection score on T-REx pairs and top-1 on candidate sentences, side by side."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if from_measurements:
+        saved = json.loads(from_measurements.read_text())
+        data, meta = saved["data"], saved["meta"]
+    else:
+        if file is None:
+            raise typer.BadParameter("give --file (or --from-measurements)")
+        lm = load_lm(model)
+        data = measure_sets(lm, load_facts(file), n=n, n_sentences=sentences, seed=seed,
+                            max_paraphrases=max(GRID_PARAPHRASES), batch_size=batch_size)
+        from app.eval.cli import command_text as _cmd
+
+        meta = {"model": lm.name, "file": str(file), "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+                "measured_by": _cmd("detect")}
+    r = report(data, paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight, thresholds=dict(DEFAULT_THRESHOLDS))
     from app.eval.cli import command_text
 
-    report.command = command_text("detect")
+    r.update(meta, paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight, command=command_text("detect"),
+             date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "detect.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    (out / "detect.md").write_text(markdown(report))
-    plot(report, arrays, out / "roc.png")
-    print_table(report)
-    typer.echo(f"wrote {out / 'detect.md'}, {out / 'detect.json'}, {out / 'roc.png'}")
+    if not from_measurements:
+        (out / "measurements.json").write_text(json.dumps({"meta": meta, "data": data}) + "\n")
+    (out / "detect.json").write_text(json.dumps(r, indent=2) + "\n")
+    (out / "detect.md").write_text(markdown(r))
+    plot(data, r, out / "detect.png")
+    typer.echo(markdown(r))
+    typer.echo(f"wrote {out / 'detect.md'}, {out / 'detect.json'}, {out / 'detect.png'}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ class FactpatchError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None):
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 details: list[dict] | None = None):
         super().__init__(message)
         self.message = message
+        self.details = details
         if code:
             self.code = code
         if status:

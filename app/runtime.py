@@ -11,8 +11,9 @@ from app.lm.engine import LM
 from app.selector.memory import KeyMemory, build_memory
 from app.services.adapters import AdapterService
 from app.services.answers import AnswerService
-from app.services.calibrations import CalibrationService, DetectService
+from app.services.calibrations import CalibrationService
 from app.services.completions import CompletionService
+from app.services.detect import DetectService
 from app.services.deltas import DeltaCache
 from app.services.edit_jobs import EditJobs
 from app.services.edits import EditService

@@ -12,7 +12,7 @@ from tests.test_knowledge_api import wait_for
 
 pytestmark = pytest.mark.e2e
 
-# T-REx facts (ParaRel) that the embedded model gets wrong by CKA.
+# T-REx facts (ParaRel) that the embedded model gets wrong by the paper's CKA (the calibration's own measure).
 FACTS = [
     {"subject": "Senegambia Confederation", "relation": "P30", "object": "Africa"},
     {"subject": "Maximilien Robespierre", "relation": "P20", "object": "Paris"},
@@ -42,7 +42,7 @@ def test_detect_calibrate_unseen_templates_and_revert_on_the_real_model(service,
     prompts = {(s, t): t.split("[Y]")[0].replace("[X]", s).rstrip() for s, t, _ in UNSEEN}
 
     client, _ = service(lm=real_lm)
-    r = client.post("/detect", json={"facts": FACTS}, headers=auth(READER))
+    r = client.post("/detect", json={"facts": FACTS, "score": "cka_paper"}, headers=auth(READER))
     assert r.status_code == 200, r.text
     assert [x["verdict"] for x in r.json()["results"]] == ["false"] * len(FACTS)
 

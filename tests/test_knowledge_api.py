@@ -37,9 +37,66 @@ def test_detect_returns_a_verdict_per_fact(service):
 
 def test_detect_threshold_decides_the_verdict(service):
     client, _ = service()
-    low = client.post("/detect", json={"facts": FACTS[:1], "threshold": 1e-6}, headers=auth(READER)).json()
+    low = client.post("/detect", json={"facts": FACTS[:1], "threshold": -999}, headers=auth(READER)).json()
     high = client.post("/detect", json={"facts": FACTS[:1], "threshold": 999}, headers=auth(READER)).json()
     assert low["results"][0]["verdict"] == "true" and high["results"][0]["verdict"] == "false"
+    res = low["results"][0]
+    assert res["score_name"] == "contrast" and res["score"] == res["scores"]["contrast"]
+    assert set(res["scores"]) >= {"contrast", "pmi", "cka_paper", "p_object"}
+    paper = client.post("/detect", json={"facts": FACTS[:1], "score": "cka_paper", "threshold": res["cka"]},
+                        headers=auth(READER)).json()["results"][0]
+    assert paper["score_name"] == "cka_paper" and paper["score"] == pytest.approx(res["cka"]) and paper["verdict"] == "true"
+
+
+def test_detect_ranks_the_candidates_of_a_sentence_with_a_blank(service):
+    client, _ = service()
+    body = {"sentence": "_ is developed by IBM", "candidates": ["Watson", "iPhone", "Windows", "PlayStation"]}
+    r = client.post("/detect", json=body, headers=auth(READER))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["match"]["blank"] == "subject" and out["match"]["relation"] in ("P176", "P178")
+    assert [x["subject"] for x in out["results"]] == body["candidates"]
+    assert {x["object"] for x in out["results"]} == {"IBM"}
+    scores = [x["score"] for x in out["results"]]
+    assert sorted(out["ranking"]) == [0, 1, 2, 3]
+    assert [scores[i] for i in out["ranking"]] == sorted(scores, reverse=True)
+    # the same candidates as facts of the matched relation get the same scores
+    facts = [{"subject": c, "relation": out["match"]["relation"], "object": "IBM"} for c in body["candidates"]]
+    same = client.post("/detect", json={"facts": facts}, headers=auth(READER)).json()["results"]
+    assert [x["score"] for x in same] == pytest.approx(scores, abs=1e-4)
+    for bad, code in [
+        ({"sentence": "IBM makes computers", "candidates": ["a", "b"]}, "invalid_sentence"),
+        ({"sentence": "_ tastes of rain", "candidates": ["a", "b"]}, "sentence_not_matched"),
+        ({"sentence": "_ is developed by IBM", "candidates": ["a", "b"], "relation": "P9999"}, "unknown_relation"),
+        ({"sentence": "_ is developed by IBM"}, "invalid_request"),
+        ({"sentence": "_ is developed by IBM", "candidates": ["a", "b"], "facts": FACTS}, "invalid_request"),
+    ]:
+        r = client.post("/detect", json=bad, headers=auth(READER))
+        assert r.status_code == 422 and r.json()["error"]["code"] == code, (bad, r.text)
+
+
+def test_detect_reports_every_bad_fact_in_place_and_scores_the_rest(service):
+    client, _ = service()
+    batch = [FACTS[0], {"subject": "France", "relation": "P9999", "object": "Paris"},
+             {"subject": "Italy", "relation": "P36", "object": ""}, FACTS[1]]
+    r = client.post("/detect", json={"facts": batch}, headers=auth(READER))
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x.get("error", {}).get("code") for x in res] == [None, "unknown_relation", "empty_object", None]
+    assert res[0]["verdict"] in ("true", "false") and "verdict" not in res[1]
+    bad_only = client.post("/detect", json={"facts": batch[1:3]}, headers=auth(READER))
+    assert bad_only.status_code == 422 and bad_only.json()["error"]["code"] == "invalid_facts"
+    details = bad_only.json()["error"]["details"]
+    assert [(d["index"], d["code"]) for d in details] == [(0, "unknown_relation"), (1, "empty_object")]
+
+
+def test_detect_accepts_trex_rows_and_any_case_relation_ids(service):
+    client, _ = service()
+    trex = {"sub_label": "France", "relation": "p36", "obj_label": "Paris", "uuid": "3fe3d4da-9df9-45ba"}
+    r = client.post("/detect", json={"facts": [trex, FACTS[0]]}, headers=auth(READER))
+    assert r.status_code == 200, r.text
+    a, b = r.json()["results"]
+    assert a["relation"] == "P36" and a["subject"] == "France" and a["score"] == pytest.approx(b["score"], abs=1e-4)
 
 
 def test_detect_with_explicit_templates(service):
@@ -56,6 +113,12 @@ def test_detect_with_explicit_templates(service):
         ({"subject": "France", "relation": "P99999", "object": "Paris"}, "unknown_relation"),
         ({"subject": "France", "object": "Paris", "template": "no slots here", "negatives": ["[X] [Y]"]}, "invalid_template"),
         ({"subject": "France", "relation": "P36", "object": "  "}, "empty_object"),
+        ({"subject": "France", "object": "Paris", "relation": "P9999", "template": "The capital of [X] is [Y].",
+          "negatives": ["[X] hates [Y]."]}, "unknown_relation"),
+        ({"subject": "France", "object": "Paris", "relation": "P36", "template": "The capital of [X] is [Y]."},
+         "missing_negatives"),
+        ({"subject": "France", "object": "Paris", "template": "The capital of [X] is [Y].",
+          "negatives": ["The capital of [X] is [Y] ."]}, "negative_is_template"),
     ],
 )
 def test_detect_bad_facts_are_422_with_stable_code(service, fact, code):

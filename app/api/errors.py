@@ -64,8 +64,10 @@ def error_body(code: str, message: str, **extra) -> dict:
 def install(app: FastAPI) -> None:
     @app.exception_handler(FactpatchError)
     async def _service_error(_req: Request, exc: FactpatchError):
-        return JSONResponse(error_body(exc.code, exc.message, **(getattr(exc, "extra", None) or {})),
-                            status_code=exc.status)
+        extra = dict(getattr(exc, "extra", None) or {})
+        if getattr(exc, "details", None):
+            extra["details"] = exc.details
+        return JSONResponse(error_body(exc.code, exc.message, **extra), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):

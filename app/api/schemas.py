@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import Annotated
 
 from app.settings import get_settings
@@ -275,12 +275,22 @@ MAX_FACTS_PER_REQUEST = 1000
 
 
 class FactIn(Strict):
-    # Blank values are refused by the fact checks with their own codes (`empty_subject`, ...).
-    subject: Text(200, "Subject, filled into [X].", nonblank=False)
-    object: Text(200, "Object, filled into [Y].", nonblank=False)
-    relation: Text(64, "LAMA relation id (P36, ...).", nonblank=False) | None = None
-    template: Text(500, "Explicit template with [X] and [Y].", nonblank=False) | None = None
-    negatives: list[Text(500, nonblank=False)] = Field(default_factory=list, max_length=10, description="False-relation templates.")
+    """One fact. Field names as in fact files (``app.knowledge.facts.FIELD_ALIASES``): T-REx's
+    ``sub_label`` / ``obj_label`` are accepted for ``subject`` / ``object``, and a T-REx ``uuid``
+    is accepted and ignored, so a line of a T-REx file is a valid fact."""
+
+    # Blank or missing values are refused by the fact checks with their own codes (`empty_subject`, ...).
+    subject: Text(200, "Subject, filled into [X] (alias `sub_label`).", nonblank=False) = Field(
+        default="", validation_alias=AliasChoices("subject", "sub_label"))
+    object: Text(200, "Object, filled into [Y] (alias `obj_label`).", nonblank=False) = Field(
+        default="", validation_alias=AliasChoices("object", "obj_label"))
+    relation: Text(64, "LAMA relation id (P36, ...; any case).", nonblank=False) | None = Field(
+        default=None, validation_alias=AliasChoices("relation", "predicate_id"))
+    template: Text(500, "Explicit template with [X] and [Y]; needs `negatives`.", nonblank=False) | None = None
+    negatives: list[Text(500, nonblank=False)] = Field(
+        default_factory=list, max_length=10, description="False-relation templates (alias `negative_templates`).",
+        validation_alias=AliasChoices("negatives", "negative_templates"))
+    uuid: Text(64, "Ignored (T-REx rows carry one).", nonblank=False) | None = None
 
     def to_fact(self):
         from app.knowledge import Fact
@@ -289,21 +299,66 @@ class FactIn(Strict):
                     negatives=tuple(self.negatives))
 
 
+DetectScore = Literal["contrast", "pmi", "cka_paper", "p_object"]
+
+
 class DetectIn(Strict):
-    facts: list[FactIn] = Field(min_length=1, max_length=MAX_FACTS_PER_REQUEST)
-    threshold: float | None = Field(default=None, gt=0.0, le=1000.0, allow_inf_nan=False, description="CKA below this is judged false.")
+    """Either ``facts``, or a ``sentence`` with one blank ``_`` and its ``candidates``."""
+
+    facts: list[FactIn] | None = Field(default=None, min_length=1, max_length=MAX_FACTS_PER_REQUEST)
+    sentence: Text(500, "A fact with one blank `_` for the candidates, e.g. `_ is developed by IBM`.") | None = None
+    candidates: list[Text(200)] | None = Field(default=None, min_length=2, max_length=20,
+                                               description="Fillers of the blank; the response ranks them.")
+    relation: Text(64, "LAMA relation id of the sentence (any case); default: the first relation whose "
+                       "template matches it.") | None = None
+    score: DetectScore = Field(default="contrast", description="The score the verdict and ranking use; every "
+                               "score is returned. `contrast` (default), `pmi`, `cka_paper` (Dong et al. 2022), `p_object`.")
+    threshold: float | None = Field(default=None, ge=-1000.0, le=1000.0, allow_inf_nan=False,
+                                    description="The chosen score below this is judged false (default: the score's own).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "DetectIn":
+        if (self.facts is None) == (self.sentence is None):
+            raise ValueError("give either `facts` or `sentence` with `candidates`")
+        if self.sentence is not None and self.candidates is None:
+            raise ValueError("`sentence` needs `candidates`")
+        if self.facts is not None and (self.candidates is not None or self.relation is not None):
+            raise ValueError("`candidates` and `relation` go with `sentence`; a fact carries its own relation")
+        return self
+
+
+class FactError(BaseModel):
+    code: str
+    message: str
 
 
 class DetectOut(BaseModel):
+    """One fact's assessment, or its ``error`` (the other facts of the batch are still assessed)."""
+
     model_config = ConfigDict(extra="allow")
-    cka: float
-    p_object: float
-    p_object_negative: float
-    verdict: Literal["true", "false"]
+    subject: str | None = None
+    relation: str | None = None
+    object: str | None = None
+    score: float | None = None
+    score_name: str | None = None
+    verdict: Literal["true", "false"] | None = None
+    scores: dict[str, float | None] | None = Field(default=None, description="Every score of the fact.")
+    cka: float | None = None
+    p_object: float | None = None
+    p_object_negative: float | None = None
+    error: FactError | None = None
+
+
+class SentenceMatchOut(BaseModel):
+    relation: str
+    template: str
+    blank: Literal["subject", "object"]
 
 
 class DetectBatchOut(BaseModel):
     results: list[DetectOut]
+    ranking: list[int] | None = Field(default=None, description="Sentence form: candidate indices, best first.")
+    match: SentenceMatchOut | None = None
 
 
 class CalibrationIn(Strict):

@@ -1,6 +1,7 @@
-"""Factual knowledge of the base model: relation templates, facts, CKA detection.
+"""Factual knowledge of the base model: relation templates, facts, detection.
 
-The API calls :func:`app.knowledge.cka.assess`; input problems raise
+``/detect`` calls :func:`app.knowledge.statement.assess_statements` (every score, the paper's CKA
+among them); calibration screens with :func:`app.knowledge.cka.assess`. Input problems raise
 :class:`app.knowledge.templates.KnowledgeError` (a ``ValueError`` with a stable ``code``).
 """
 

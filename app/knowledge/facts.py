@@ -48,20 +48,38 @@ class FactTemplates:
     relation: RelationTemplates | None = None
 
 
+# One set of field names for facts in files and in requests; each name also accepts its aliases
+# (T-REx writes ``sub_label`` / ``obj_label``). ``uuid`` (T-REx) is accepted and ignored.
+FIELD_ALIASES: dict[str, tuple[str, ...]] = {
+    "subject": ("subject", "sub_label"),
+    "object": ("object", "obj_label"),
+    "relation": ("relation", "predicate_id"),
+    "template": ("template",),
+    "negatives": ("negatives", "negative_templates"),
+}
+IGNORED_FIELDS = ("uuid",)
+
+
 def fact_from_dict(row: dict[str, Any]) -> Fact:
-    """Accept ``{subject, relation, object}``, T-REx's ``{sub_label, relation, obj_label}``, and
-    optional ``template`` / ``negatives``."""
-    subject = row.get("subject", row.get("sub_label"))
-    obj = row.get("object", row.get("obj_label"))
-    negatives = row.get("negatives") or row.get("negative_templates") or ()
+    """A fact from a record with the field names of ``FIELD_ALIASES`` (any alias of each)."""
+
+    def pick(name: str):
+        for alias in FIELD_ALIASES[name]:
+            if row.get(alias) not in (None, "", [], ()):
+                return row[alias]
+        return None
+
+    subject, obj = pick("subject"), pick("object")
+    negatives = pick("negatives") or ()
     if isinstance(negatives, str):
         negatives = (negatives,)
+    relation, template = pick("relation"), pick("template")
     return Fact(
         subject=subject if isinstance(subject, str) else "",
         object=obj if isinstance(obj, str) else "",
-        relation=row.get("relation") or None,
-        template=row.get("template") or None,
-        negatives=tuple(negatives),
+        relation=relation if isinstance(relation, str) else None,
+        template=template if isinstance(template, str) else None,
+        negatives=tuple(n for n in negatives if isinstance(n, str)),
     )
 
 
@@ -69,8 +87,12 @@ def resolve(fact: Fact, relations: dict[str, RelationTemplates] | None = None, *
     """Validate one fact and return the templates it is scored with.
 
     Raises ``KnowledgeError`` with a stable code: ``empty_subject``, ``empty_object``,
-    ``field_too_long``, ``unknown_relation``, ``invalid_template``, ``missing_template``,
-    ``missing_negatives``.
+    ``field_too_long``, ``unknown_relation`` (also beside an explicit template: a relation id
+    given is checked), ``invalid_template``, ``missing_template``, ``missing_negatives`` (an
+    explicit template needs its own negatives; the relation's are never substituted for a
+    template they were not written for), ``negative_is_template`` (a negative template equal to
+    the true one, after normalisation, or to another true template of the relation).
+    Relation ids are matched without regard to case.
     """
     for name, value in (("subject", fact.subject), ("object", fact.object)):
         if not isinstance(value, str) or not value.strip():
@@ -78,24 +100,31 @@ def resolve(fact: Fact, relations: dict[str, RelationTemplates] | None = None, *
         if len(value) > MAX_FIELD_CHARS:
             raise KnowledgeError(f"fact {name} is longer than {MAX_FIELD_CHARS} characters", "field_too_long")
     relations = load_relations() if relations is None else relations
+    rel = get_relation(fact.relation, relations) if fact.relation else None
     if fact.template:
         template = validate_template(fact.template)
-        rel = relations.get(fact.relation or "")  # with its own template, the relation id is only a label
-    elif fact.relation:
-        rel = get_relation(fact.relation, relations)
+    elif rel is not None:
         template = rel.template
     else:
         raise KnowledgeError("a fact needs a known relation id or a template with [X] and [Y]", "missing_template")
     if fact.negatives:
         negatives = tuple(validate_template(t, what="negative template") for t in fact.negatives)
-    elif rel is not None:
+    elif not fact.template and rel is not None:
         negatives = rel.negatives
     else:
         negatives = ()
     if need_negatives and not negatives:
         raise KnowledgeError(
-            "an explicit template needs negative templates (false relations) for CKA", "missing_negatives"
+            "an explicit template needs its own negative templates (false relations): give `negatives`"
+            + (f"; relation {rel.relation}'s negatives belong to its own template" if rel is not None else ""),
+            "missing_negatives",
         )
+    trues = {template.casefold()}
+    if rel is not None and not fact.template:
+        trues |= {t.casefold() for t in rel.true_templates()}
+    for t in negatives:
+        if t.casefold() in trues:
+            raise KnowledgeError(f"negative template {t!r} is a true template of the fact", "negative_is_template")
     paraphrases = rel.paraphrases if rel is not None and not fact.template else ()
     return FactTemplates(template=template, negatives=negatives, paraphrases=paraphrases, relation=rel)
 

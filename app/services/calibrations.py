@@ -1,4 +1,4 @@
-"""Detect false facts (CKA) and calibrate them in bulk (CaliNet) as background jobs.
+"""Calibrate facts in bulk (CaliNet) as background jobs.
 
 A calibration is queued as a job; on success its slots are stored as a Delta in the database and
 become active for every answer (a global delta of the engine). Revert turns it off. Replicas pick
@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from app.delta import Delta
 from app.errors import NotFound, Unprocessable
-from app.knowledge import Fact, KnowledgeError, assess
+from app.knowledge import Fact, KnowledgeError
 from app.knowledge.cka import validate_facts
 from app.lm.engine import LM
 from app.methods.calinet.config import CaliNetConfig
@@ -26,24 +26,11 @@ from app.store.models import Calibration, Job, utcnow
 
 log = logging.getLogger(__name__)
 
-MAX_DETECT_FACTS = 1000
 MAX_CALIBRATION_FACTS = 1000
 
 
 def _as_422(exc: KnowledgeError) -> Unprocessable:
     return Unprocessable(exc.message, code=exc.code)
-
-
-class DetectService:
-    def __init__(self, lm: LM):
-        self.lm = lm
-
-    def detect(self, facts: list[Fact], threshold: float | None) -> list[dict[str, Any]]:
-        try:
-            results = assess(self.lm, facts, threshold, max_facts=MAX_DETECT_FACTS)
-        except KnowledgeError as exc:
-            raise _as_422(exc) from None
-        return [r.to_dict() for r in results]
 
 
 class CalibrationService:

@@ -16,11 +16,16 @@ from app.store import JobRepo
 router = APIRouter(tags=["knowledge"])
 
 
-@router.post("/detect", response_model=DetectBatchOut, summary="Judge facts true or false by CKA",
+@router.post("/detect", response_model=DetectBatchOut, response_model_exclude_none=True,
+             summary="Judge facts true or false, or rank the candidates of a sentence with a blank",
              responses=responses(400, *AUTH, 422), openapi_extra={"security": BEARER})
 async def detect(body: DetectIn, rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> DetectBatchOut:
-    results = await run_in_threadpool(rt.detect.detect, [f.to_fact() for f in body.facts], body.threshold)
-    return DetectBatchOut(results=results)
+    if body.sentence is not None:
+        out = await run_in_threadpool(rt.detect.rank, body.sentence, list(body.candidates or []), body.relation,
+                                      body.threshold, body.score)
+    else:
+        out = await run_in_threadpool(rt.detect.detect, [f.to_fact() for f in body.facts], body.threshold, body.score)
+    return DetectBatchOut(**out)
 
 
 @router.post("/calibrations", response_model=CalibrationOut, status_code=202,
