@@ -10,11 +10,11 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import errors
 from app.api.metrics import Metrics, MetricsMiddleware
-from app.api.routers import answers, edits, health, knowledge
+from app.api.routers import answers, edits, health, knowledge, repairs
 from app.runtime import Runtime
 from app.settings import Settings, get_settings
 
-ROUTERS = [health.router, answers.router, edits.router, knowledge.router]
+ROUTERS = [health.router, answers.router, edits.router, knowledge.router, repairs.router]
 
 
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:

@@ -16,6 +16,7 @@ from app.services.edits import EditService
 from app.services.jobs import JobRunner
 from app.services.keys import KeyService
 from app.services.memory_sync import MemorySync
+from app.services.repairs import RepairService
 from app.settings import Settings
 from app.store import Database
 
@@ -40,6 +41,7 @@ class Runtime:
     admin_key_file: Path | None = None
     started_at: float = field(default_factory=time.time)
     extras: dict = field(default_factory=dict)
+    repairs: RepairService | None = None
 
     @classmethod
     def build(cls, settings: Settings, *, lm: LM | None = None, selector=None, migrate: bool = True,
@@ -67,8 +69,10 @@ class Runtime:
         calibrations = CalibrationService(db, lm, jobs)
         rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, jobs, calibrations,
                  DetectService(lm), admin_key_file)
+        rt.repairs = RepairService(db, lm, jobs, edits, answers, deltas)
         sync.start()
         calibrations.start()
+        rt.repairs.start()
         if start_jobs:
             jobs.start()
         for hook in _START_HOOKS:
@@ -82,6 +86,8 @@ class Runtime:
             except Exception:  # noqa: BLE001
                 log.exception("shutdown hook failed")
         self.jobs.stop()
+        if self.repairs is not None:
+            self.repairs.stop()
         self.calibrations.stop()
         self.sync.stop()
         self.memory.close()
