@@ -166,3 +166,42 @@ def test_repair_over_http_report_apply_and_revert(service, tiny_llama):
     assert [_score(client, p, t) for p, t in probes] == pytest.approx(served, abs=1e-5)
     assert client.post("/admin/repairs/00000000-0000-0000-0000-000000000000/revert",
                        headers=auth(ADMIN)).status_code == 404
+
+
+def test_a_bad_edit_is_found_by_leaving_it_out_and_reverted(tiny_llama, planted):
+    """Edits are their own data: leaving one out is exact (the questions it serves, answered with
+    and without it). The edit that serves the failing question and pushes its answer away ranks
+    first; edits serving nothing in F score 0; the treatment switches it off."""
+    from app.delta import Delta
+    from app.methods.repair import ScopedEdit
+
+    lm = tiny_llama
+    facts, truth, delta = planted
+    questions = build_questions(lm, [Failure(fact=truth)])
+    q = questions[0]
+    from app.lm.arch import linear_dims
+
+    mlp = lm.arch.blocks[-1].mlp_out
+    d_in, d_out = linear_dims(lm.arch.module(mlp))
+    gen = torch.Generator().manual_seed(0)
+
+    def lora(scale: float) -> Delta:
+        a = torch.randn(2, d_in, generator=gen) * scale
+        b = torch.randn(d_out, 2, generator=gen) * scale
+        return Delta("lora", {f"{mlp}::A": a, f"{mlp}::B": b}, {"scale": "1.0"})
+
+    # the bad edit: an adapter that pushes the failing question's answer further away
+    base_lp = score_rows(lm, [(q.prompt, q.target)], [delta])[0][0]
+    bad = lora(4.0)
+    if score_rows(lm, [(q.prompt, q.target)], [delta, bad])[0][0] > base_lp:
+        bad = Delta("lora", {f"{mlp}::A": bad.get(mlp, "A"), f"{mlp}::B": -bad.get(mlp, "B")}, dict(bad.meta))
+    assert score_rows(lm, [(q.prompt, q.target)], [delta, bad])[0][0] < base_lp - 0.01
+    goods = [ScopedEdit(f"good-{i}", lora(0.1)) for i in range(5)]
+    edits = goods[:2] + [ScopedEdit("bad", bad)] + goods[2:]
+    out = repair(lm, questions, [], edits, background=[delta], routes=["bad"],
+                 config=RepairConfig(top_k=1, treatment="revert"))
+    ranked = out.causes
+    assert [c.kind for c in ranked] == ["edit"] * 6
+    assert ranked[0].id == "bad" and ranked[0].score > 0.01
+    assert all(c.score == 0.0 for c in ranked[1:])
+    assert out.reverted_edits == ["bad"] and out.deltas == {}

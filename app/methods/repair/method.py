@@ -480,11 +480,14 @@ def repair(
                     after_q = score_questions(query, replace=repl, without=gone)
                     fixed_n = sum(1 for i in query if not before[i][1] and after_q[i][1])
                     lp = sum(after_q[i][0] for i in query)
+                    after_h = score_questions(heldout, replace=repl, without=gone) if heldout else {}
+                    heldout_fixed = sum(1 for i in heldout if not before[i][1] and after_h[i][1])  # reported, never chosen on
                     ppl = perplexity_with(lm, fit_texts, served(replace=repl))
                     kept1 = (sum(ok for _, ok in score_rows(lm, kept_rows, served(replace=repl), bs)) / len(kept_rows)
                              if kept_rows else 1.0)
                     ok = ppl <= ppl0 * (1 + config.max_ppl_increase) and kept1 >= (kept0 if kept_rows else 1.0) - config.max_kept_drop
-                    step_report.append({"step_size": gamma, "query_fixed": fixed_n, "query_logp": lp,
+                    step_report.append({"step_size": gamma, "query_fixed": fixed_n, "heldout_fixed": heldout_fixed,
+                                        "query_logp": lp,
                                         "fit_perplexity_ratio": ppl / ppl0, "kept_train_accuracy": kept1,
                                         "within_limits": ok})
                     key = (ok, fixed_n if ok else -gamma, -gamma)
