@@ -138,6 +138,7 @@ def repair_eval_cmd(
     parameters: Optional[str] = typer.Option(None, "--parameters", help="KV or V."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fact order, the noise and the random baseline."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="CaliNet passes over the facts (default: its config's)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="CaliNet learning rate (default: its config's)."),
     out: Path = typer.Option(Path("results/repair_eval"), "--out", help="Folder for results.json, report.md and plots."),
     cache: Path = typer.Option(Path("/tmp/factpatch-repair-eval"), "--cache", help="Where calibrations are kept between runs."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: FACTPATCH_MODEL)."),
@@ -180,7 +181,7 @@ def repair_eval_cmd(
     screen_s = time.perf_counter() - t0
 
     # calibrate (cached by its facts and config)
-    cfg = CaliNetConfig(evaluate=False, **({"epochs": epochs} if epochs else {}))
+    cfg = CaliNetConfig(evaluate=False, **({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {}))
     key = hashlib.sha256(json.dumps([lm.name, [f.__dict__ for f in train], cfg.model_dump()], default=str,
                                     sort_keys=True).encode()).hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
@@ -229,8 +230,12 @@ def repair_eval_cmd(
     rand = list(range(n))
     random.Random(seed + 1).shuffle(rand)
     ks = sorted({1, 5, 10, 20, 50, 100, len(noisy)} & set(range(1, n + 1)))
-    curves = {name: [sum(1 for i in r[:j] if i in noisy) / j for j in range(1, n + 1)]
-              for name, r in ((f"repair ({identify})", ranking), ("training loss", by_loss), ("random", rand))}
+    rankings = [(f"repair ({identify})", ranking)]
+    if identify != "influence":
+        infl = outcome.baselines["cal"]["influence"]
+        rankings.append(("repair (influence)", sorted(range(n), key=lambda i: -infl[i])))
+    rankings += [("training loss", by_loss), ("random", rand)]
+    curves = {name: [sum(1 for i in r[:j] if i in noisy) / j for j in range(1, n + 1)] for name, r in rankings}
 
     # clean facts on their test templates, with and without the repair
     clean = [i for i in range(n) if i not in noisy]

@@ -27,7 +27,7 @@ class RepairConfig(MethodConfig):
     step_size: float | None = Field(
         default=None, gt=0.0, le=1000.0,
         description="γ of the Newton removal (1: the Newton step with the damped diagonal Fisher). Unset: the "
-        "smallest step of a fixed grid (4^-8 ... 4^3) that fixes the most query failures while generic perplexity "
+        "smallest step of a fixed grid (4^-8 ... 4^3, stopped at the first step beyond the limits) that fixes the most query failures while generic perplexity "
         "(fit half) rises by at most `max_ppl_increase` and the accuracy on a sample of the kept training rows "
         "drops by at most `max_kept_drop`.",
     )
@@ -35,7 +35,8 @@ class RepairConfig(MethodConfig):
         default=0.02, ge=0.0, le=1.0,
         description="Largest drop of greedy accuracy on the training rows of the facts not treated that the automatic step may cause.",
     )
-    guard_rows: int = Field(default=256, ge=0, le=100000, description="Kept training rows sampled for that check.")
+    guard_rows: int = Field(default=128, ge=0, le=100000, description="Kept training rows sampled for that check.")
+    guard_sentences: int = Field(default=24, ge=1, le=1000, description="Generic sentences (fit half) of the perplexity check.")
     max_ppl_increase: float = Field(
         default=0.01, ge=0.0, le=10.0,
         description="Largest relative rise of generic perplexity (fit sentences) the automatic step may cause.",

@@ -420,12 +420,13 @@ def repair(
                 qgrad += grads.sum(0)
         st = _CalState(c, slots, rows, row_fact, fact_grads, fisher, fact_logp, n_rows, qgrad)
         states.append(st)
+        influence = -(fact_grads @ (qgrad / fisher)) / n_rows
         if config.identify == "influence":
-            scores = -(fact_grads @ (qgrad / fisher)) / n_rows
+            scores = influence
         else:
             scores = _ewc_identify(lm, st, questions, query, routes, served, config)
         counts = torch.bincount(torch.tensor(row_fact, dtype=torch.long), minlength=n_facts).clamp(min=1).float()
-        baselines[c.id] = {"loss": (-fact_logp / counts).tolist()}
+        baselines[c.id] = {"loss": (-fact_logp / counts).tolist(), "influence": influence.tolist()}
         for i in range(n_facts):
             causes.append(Cause("calibration_fact", c.id, float(scores[i]), fact=i,
                                 detail={"subject": c.facts[i].subject, "object": c.facts[i].object,
@@ -454,7 +455,7 @@ def repair(
     new_vectors: dict[str, torch.Tensor] = {}
     step_report: list[dict[str, Any]] = []
     chosen_step: float | None = None
-    fit_texts = generic_sentences("fit")
+    fit_texts = generic_sentences("fit")[: config.guard_sentences]
     if config.treatment != "revert":
         by_cal = {st.cal.id: [c.fact for c in treated if c.kind == "calibration_fact" and c.id == st.cal.id] for st in states}
         if config.treatment == "newton":
@@ -493,6 +494,8 @@ def repair(
                     key = (ok, fixed_n if ok else -gamma, -gamma)
                     if best is None or key > best[0]:
                         best = (key, gamma, vecs)
+                    if not ok and best[0][0]:
+                        break  # the grid grows: a larger step only moves further from the guards
                 chosen_step = best[1]
                 new_vectors = best[2]
         else:
