@@ -6,8 +6,9 @@
    cured by removing it (the base model then answers right again).
 2. Replace the object of a ``--noise`` share of them by a wrong object of the same relation
    ("annotation noise") and calibrate all of them (CaliNet, train templates).
-3. F = questions (the true facts on their val and test templates) the base model gets right and
-   the calibrated model gets wrong. Query half: val templates; held-out half: test templates.
+3. F = questions (the true facts on their templates) the base model gets right and the calibrated
+   model gets wrong. Query half: train and val templates (``--query-val``: val only); held-out
+   half: test templates, never trained on.
 4. Identify causes from the query half, treat the top ``--top-k`` (default: the number of noisy
    facts), and measure on the held-out half and on the clean facts (test templates).
    Baselines: a random ranking and the per-fact training loss.
@@ -143,6 +144,11 @@ def repair_eval_cmd(
     cache: Path = typer.Option(Path("/tmp/factpatch-repair-eval"), "--cache", help="Where calibrations are kept between runs."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: FACTPATCH_MODEL)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    query_train: bool = typer.Option(
+        True, "--query-train/--query-val",
+        help="Query half: the facts asked on their training and validation templates (default), or on validation "
+        "templates only. The held-out half is always the test templates, never trained on.",
+    ),
 ) -> None:
     import torch
 
@@ -203,7 +209,8 @@ def repair_eval_cmd(
     splits = fact_splits(known)
     cand: list[tuple[int, str, str]] = []
     for i, (f, s) in enumerate(zip(known, splits)):
-        cand += [(i, t, "query") for t in s.val] + [(i, t, "heldout") for t in s.test]
+        ask = (*s.train, *s.val) if query_train else s.val
+        cand += [(i, t, "query") for t in ask] + [(i, t, "heldout") for t in s.test]
     rows = _rows(lm, [known[i] for i, _, _ in cand], [t for _, t, _ in cand])
     base = score_rows(lm, rows, [])
     cal = score_rows(lm, rows, [delta])
@@ -257,6 +264,7 @@ def repair_eval_cmd(
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": lm.name,
         "n": n, "noise": noise, "noisy": len(noisy), "seed": seed, "top_k": k,
+        "query_templates": "train+val" if query_train else "val",
         "config": config.model_dump(),
         "screen": screen,
         "failures": {"questions": len(questions), "query": query["questions"], "heldout": held["questions"],
