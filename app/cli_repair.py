@@ -133,7 +133,7 @@ def repair_eval_cmd(
     noise: float = typer.Option(0.1, "--noise", min=0.0, max=0.9, help="Share of facts given a wrong object of the same relation."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Causes to treat (default: the number of noisy facts)."),
     identify: str = typer.Option("ewc", "--identify", help="influence or ewc."),
-    treatment: str = typer.Option("newton", "--treatment", help="newton, ewc or finetune."),
+    treatment: str = typer.Option("newton", "--treatment", help="newton, ewc or finetune (the eval's default stays the paper's Newton removal)."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="γ of the Newton removal (default: chosen on the query half)."),
     damping: Optional[float] = typer.Option(None, "--damping", help="Fisher damping (fraction of its mean)."),
     parameters: Optional[str] = typer.Option(None, "--parameters", help="KV or V."),

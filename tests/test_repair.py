@@ -80,7 +80,8 @@ def test_newton_removal_keeps_the_other_facts(tiny_llama, planted):
     lm = tiny_llama
     facts, truth, delta = planted
     questions = build_questions(lm, [Failure(fact=truth)])
-    out = repair(lm, questions, [ScopedCalibration("cal", delta, facts)], [], config=RepairConfig(top_k=1))
+    out = repair(lm, questions, [ScopedCalibration("cal", delta, facts)], [],
+                 config=RepairConfig(top_k=1, treatment="newton"))
     assert out.causes[0].fact == 0
     assert out.report["step_size"] is not None and out.report["step_search"]
     assert all(ok for _, ok in score_rows(lm, rows_of(lm, facts[1:]), [delta, out.deltas["cal"]]))

@@ -365,7 +365,7 @@ class RepairIn(Strict):
     scope: RepairScopeIn = Field(default_factory=RepairScopeIn)
     identify: Literal["influence", "ewc"] | None = Field(default=None, description="Cause identification (default `ewc`).")
     treatment: Literal["newton", "ewc", "finetune", "revert"] | None = Field(
-        default=None, description="Treatment of the top-k causes (default `newton`).")
+        default=None, description="Treatment of the top-k causes (default `finetune`: measured to fix failures; docs/repair-notes.md).")
     apply: bool = Field(default=False, description="Apply the treatment (admin); false: report what it would do.")
     config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS,
                                    description="Further RepairConfig fields (top_k, step_size, damping, ...).")

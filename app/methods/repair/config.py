@@ -18,7 +18,7 @@ class RepairConfig(MethodConfig):
         "-∇log p(F)ᵀ F̂⁻¹ ∇log p(z) / |D|) or `ewc` (log p(z|θ̂) - log p(z|θ*), θ* fitted to F with the Fisher penalty).",
     )
     treatment: Literal["newton", "ewc", "finetune", "revert"] = Field(
-        default="newton",
+        default="finetune",
         description="Treatment of the top-k causes: Newton update removal, EWC deletion, fine-tuning on the "
         "corrected data (the query failures and the remaining training data), or `revert` (only the edits among "
         "the causes are switched off). Edits among the causes are always switched off.",
