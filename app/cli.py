@@ -128,6 +128,7 @@ def _register_measurements() -> None:
     from app.cli_calibrate import calibrate_cmd
     from app.cli_detect import detect
     from app.cli_export import export_cmd, export_parity_cmd
+    from app.cli_repair import repair_eval_cmd
     from app.eval.cli import register
 
     register(app)
@@ -140,6 +141,9 @@ def _register_measurements() -> None:
     )
     app.command("export-parity", help="Edits exported as PEFT adapters: same greedy answers as factpatch?")(
         export_parity_cmd
+    )
+    app.command("repair-eval", help="Repair (Tanno et al.): noisy facts in a calibration, cause identification, treatment.")(
+        repair_eval_cmd
     )
 
 

@@ -10,11 +10,12 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import errors
 from app.api.metrics import Metrics, MetricsMiddleware
-from app.api.routers import adapters, answers, edits, health, knowledge, openai_compat
+from app.api.routers import adapters, answers, edits, health, knowledge, openai_compat, repairs
 from app.runtime import Runtime
 from app.settings import Settings, get_settings
 
-ROUTERS = [health.router, answers.router, edits.router, adapters.router, knowledge.router, openai_compat.router]
+ROUTERS = [health.router, answers.router, edits.router, adapters.router, knowledge.router, repairs.router,
+           openai_compat.router]
 
 
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:

@@ -20,6 +20,7 @@ from app.services.edits import EditService
 from app.services.jobs import JobRunner
 from app.services.keys import KeyService
 from app.services.memory_sync import MemorySync
+from app.services.repairs import RepairService
 from app.settings import Settings
 from app.store import Database
 
@@ -46,6 +47,7 @@ class Runtime:
     admin_key_file: Path | None = None
     started_at: float = field(default_factory=time.time)
     extras: dict = field(default_factory=dict)
+    repairs: RepairService | None = None
 
     @classmethod
     def build(cls, settings: Settings, *, lm: LM | None = None, selector=None, migrate: bool = True,
@@ -89,8 +91,10 @@ class Runtime:
         edit_jobs = EditJobs(db, edits, jobs, queue=queue, sync=sync)
         rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, jobs, calibrations,
                  DetectService(lm), edit_jobs, queue, admin_key_file)
+        rt.repairs = RepairService(db, lm, jobs, edits, answers, deltas)
         sync.start()
         calibrations.start()
+        rt.repairs.start()
         if engine is not None:
             engine.start()
         if start_jobs and queue is None and not worker:
@@ -118,6 +122,8 @@ class Runtime:
         self.jobs.stop()
         if self.answers.engine is not None:
             self.answers.engine.stop()
+        if self.repairs is not None:
+            self.repairs.stop()
         self.calibrations.stop()
         self.sync.stop()
         if self.queue is not None:

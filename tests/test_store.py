@@ -8,13 +8,13 @@ from sqlalchemy import inspect
 from app.store import ApiKeyRepo, AuditRepo, Database, EditRepo
 from app.store.models import Edit
 
-TABLES = {"edits", "edit_deltas", "edit_keys", "calibrations", "jobs", "audit_events", "api_keys"}
+TABLES = {"edits", "edit_deltas", "edit_keys", "calibrations", "jobs", "audit_events", "api_keys", "repairs", "repair_deltas"}
 
 
 def test_migrations_create_tables_in_postgres(pg_url, schema):
     db = Database(pg_url, schema)
     db.upgrade()
-    assert db.current_revision() == "0002"
+    assert db.current_revision() == "0003"
     assert TABLES <= set(inspect(db.engine).get_table_names(schema=schema))
     db.upgrade()  # idempotent
     db.dispose()
@@ -47,7 +47,7 @@ def test_rows_from_before_scopes_read_as_fact(pg_url, schema):
             {"now": now},
         )
     db.upgrade()
-    assert db.current_revision() == "0002"
+    assert db.current_revision() == "0003"
     with db.transaction() as s:
         assert EditRepo(s).get("old").scope == "fact"
         e = Edit(method="pnp", prompt="q", target="t", status="active", paraphrases=[], locality_prompts=[],

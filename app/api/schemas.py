@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -409,3 +410,72 @@ class CalibrationOut(BaseModel):
 class CalibrationList(BaseModel):
     items: list[CalibrationOut]
     next_cursor: str | None
+
+
+# -- repairs -------------------------------------------------------------------------------------
+
+
+class FailureFactIn(FactIn):
+    """A question the served model gets wrong, as a fact with its right object."""
+
+
+class FailurePromptIn(Strict):
+    prompt: Text(MAX_TEXT, "A prompt the served model answers wrongly.")
+    target: Text(MAX_TARGET, "The continuation it should write.")
+
+
+class RepairScopeIn(Strict):
+    calibrations: Literal["all"] | list[str] = Field(
+        default="all", description="Active calibrations whose facts may be causes (`all` or ids).")
+    edits: Literal["all"] | list[str] = Field(default="all", description="Active edits that may be causes (`all` or ids).")
+
+    @field_validator("calibrations", "edits")
+    @classmethod
+    def _ids(cls, v):
+        if isinstance(v, list):
+            if len(v) > 1000:
+                raise ValueError("at most 1000 ids")
+            for i in v:
+                if not isinstance(i, str) or not re.fullmatch(UUID_PATTERN, i):
+                    raise ValueError("ids are UUIDs")
+        return v
+
+
+class RepairIn(Strict):
+    failures: list[FailurePromptIn | FailureFactIn] = Field(
+        min_length=1, max_length=500, description="Questions the served model gets wrong, with their right answers.")
+    scope: RepairScopeIn = Field(default_factory=RepairScopeIn)
+    identify: Literal["influence", "ewc"] | None = Field(default=None, description="Cause identification (default `ewc`).")
+    treatment: Literal["newton", "ewc", "finetune", "revert"] | None = Field(
+        default=None, description="Treatment of the top-k causes (default `finetune`: measured to fix failures; docs/repair-notes.md).")
+    apply: bool = Field(default=False, description="Apply the treatment (admin); false: report what it would do.")
+    config: dict[str, Any] = Field(default_factory=dict, max_length=MAX_CONFIG_KEYS,
+                                   description="Further RepairConfig fields (top_k, step_size, damping, ...).")
+
+    def to_request(self) -> dict[str, Any]:
+        failures = []
+        for f in self.failures:
+            if isinstance(f, FailurePromptIn):
+                failures.append({"prompt": f.prompt, "target": f.target})
+            else:
+                failures.append({k: v for k, v in f.model_dump().items() if v not in (None, [], ())})
+        return {"failures": failures, "scope": self.scope.model_dump(), "identify": self.identify,
+                "treatment": self.treatment, "apply": self.apply, "config": self.config}
+
+
+class RepairOut(BaseModel):
+    id: str
+    status: str
+    apply: bool
+    request: dict[str, Any]
+    result: dict[str, Any]
+    reverted_edits: list[str]
+    created_at: datetime
+    updated_at: datetime
+    job: JobOut | None
+
+    @classmethod
+    def of(cls, r, job=None) -> "RepairOut":
+        return cls(id=r.id, status=r.status, apply=bool(r.apply), request=r.request or {}, result=r.result or {},
+                   reverted_edits=list(r.reverted_edits or []), created_at=r.created_at, updated_at=r.updated_at,
+                   job=JobOut.of(job) if job is not None else None)

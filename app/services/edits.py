@@ -420,6 +420,39 @@ class EditService:
             return self.get(edit_id)
 
 
+    def reinstate(self, edit_id: str, *, actor: str | None, reason: str) -> Edit:
+        """Make a reverted edit active again (a repair's revert undoing its own revert of the edit).
+        Refused with 409 when another active edit superseded it or supersedes what it superseded."""
+        with self._lock:
+            change = self._change()
+            try:
+                with self.db.transaction() as s:
+                    self.db.lock_visibility(s)
+                    repo = EditRepo(s)
+                    row = repo.get(edit_id, with_delta=True, for_update=True)
+                    if row is None:
+                        raise NotFound(f"no edit {edit_id}", code="edit_not_found")
+                    if row.status == "active":
+                        return self.get(edit_id)
+                    if row.status != "reverted":
+                        raise Conflict(f"edit {edit_id} is {row.status}", code="edit_not_reverted")
+                    if repo.active_superseding(edit_id) is not None:
+                        raise Conflict(f"edit {edit_id} was superseded", code="edit_superseded")
+                    repo.set_status(row, "active")
+                    AuditRepo(s).record(actor=actor, action="edit.reinstate", entity_type="edit", entity_id=row.id,
+                                        reason=reason)
+                    change.show(stored_from_edit(row))
+            except Exception as exc:
+                change.undo(unknown=_is_redis_error(exc) or _is_db_error(exc))
+                if _is_redis_error(exc):
+                    raise Unavailable("the selector memory (Redis) is unavailable; nothing was reinstated",
+                                      code="memory_unavailable") from exc
+                if _is_db_error(exc):
+                    raise DatabaseUnavailable("the database is unavailable; nothing was reinstated") from exc
+                raise
+            change.apply()
+            return self.get(edit_id)
+
 class _StagedDeltas:
     """The delta cache as the answer path reads it, plus one delta not stored yet."""
 

@@ -138,3 +138,38 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(12))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Repair(Base):
+    """A repair job: the causes of reported failures and, once applied, the deltas that erase them."""
+
+    __tablename__ = "repairs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    # queued | running | reported (apply: false) | active | failed | reverted
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    apply: Mapped[bool] = mapped_column(default=False)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    reverted_edits: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    deltas: Mapped[list["RepairDelta"]] = relationship(back_populates="repair", cascade="all, delete-orphan")
+
+
+class RepairDelta(Base):
+    """One repair delta, applied on top of one calibration's own (never rewritten) delta."""
+
+    __tablename__ = "repair_deltas"
+
+    repair_id: Mapped[str] = mapped_column(ForeignKey("repairs.id", ondelete="CASCADE"), primary_key=True)
+    calibration_id: Mapped[str] = mapped_column(ForeignKey("calibrations.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+
+    repair: Mapped[Repair] = relationship(back_populates="deltas")

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from app.store.models import ApiKey, AuditEvent, Calibration, Edit, EditDelta, EditKeys, Job, utcnow
+from app.store.models import ApiKey, AuditEvent, Calibration, Edit, EditDelta, EditKeys, Job, Repair, RepairDelta, utcnow
 
 ROLES = ("reader", "editor", "admin")
 ROLE_RANK = {r: i for i, r in enumerate(ROLES)}
@@ -128,6 +128,43 @@ class CalibrationRepo:
 
     def active(self) -> list[Calibration]:
         return list(self.s.scalars(select(Calibration).where(Calibration.status == "active")))
+
+
+class RepairRepo:
+    def __init__(self, session: Session):
+        self.s = session
+
+    def get(self, repair_id: str, *, with_deltas: bool = False) -> Repair | None:
+        stmt = select(Repair).where(Repair.id == repair_id)
+        if with_deltas:
+            stmt = stmt.options(selectinload(Repair.deltas))
+        return self.s.scalars(stmt).first()
+
+    def add(self, repair: Repair) -> Repair:
+        self.s.add(repair)
+        self.s.flush()
+        return repair
+
+    def add_delta(self, repair: Repair, *, calibration_id: str, kind: str, data: bytes) -> None:
+        repair.deltas.append(RepairDelta(calibration_id=calibration_id, kind=kind, data=data,
+                                         sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
+        self.s.flush()
+
+    def list(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[Repair], str | None]:
+        stmt = select(Repair)
+        if status:
+            stmt = stmt.where(Repair.status == status)
+        return _page(self.s, Repair, stmt, limit, cursor)
+
+    def active_deltas(self) -> list[RepairDelta]:
+        """Deltas of active repairs whose calibration is active too."""
+        stmt = (
+            select(RepairDelta)
+            .join(Repair, Repair.id == RepairDelta.repair_id)
+            .join(Calibration, Calibration.id == RepairDelta.calibration_id)
+            .where(Repair.status == "active", Calibration.status == "active")
+        )
+        return list(self.s.scalars(stmt))
 
 
 class JobRepo:
