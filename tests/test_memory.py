@@ -217,3 +217,27 @@ def test_rebuild_reembeds_keys_of_another_encoder_with_scope_and_relation_keys(p
     assert selector._records[e.id].scope == "subject"
     memory.close()
     db.dispose()
+
+
+def test_the_mirror_check_waits_for_a_local_change_between_memory_and_mirror(tmp_path):
+    """A local edit writes the memory inside its transaction and the mirror after the commit; the
+    1 s mirror check in between must not take the mirror for stale (and reload it)."""
+    from app.selector.router import Selector
+    from app.services.memory_sync import MemorySync
+    from app.store import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    db.upgrade()
+    memory, selector = LocalKeyMemory(), Selector(FourDims())
+    sync = MemorySync(db, memory, selector)
+    sync.ensure()
+    reloads = sync.reloads
+    change = object()
+    sync.change_started(change)
+    stored = StoredKeys("e1", "enc", ["a", "b"], None, vectors_to_bytes(np.eye(2, 4, dtype=np.float32)))
+    sync.note_local_version(memory.put(stored))
+    sync.ensure()
+    assert sync.reloads == reloads  # in flight: left alone
+    sync.change_ended(change)
+    sync.ensure()
+    assert sync.reloads == reloads + 1 and "e1" in selector.edit_ids()  # afterwards the check does its work

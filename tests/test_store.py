@@ -109,3 +109,46 @@ def test_api_keys_are_stored_hashed_and_verified(pg_url, schema):
     with db.session() as s:
         assert ApiKeyRepo(s).verify(raw) is None
     db.dispose()
+
+
+def test_sqlite_visibility_lock_serialises_changes_until_their_transaction_ends(tmp_path):
+    """With SQLite (the embedded default, one process) the visibility lock is a lock of the process:
+    a second holder waits until the first transaction commits or rolls back, so the periodic
+    check never compares the database and the memory halfway through an edit."""
+    import threading
+    import time
+
+    db = Database(f"sqlite:///{tmp_path / 'v.db'}")
+    db.upgrade()
+    held, order = threading.Event(), []
+
+    def first():
+        with db.transaction() as s:
+            db.lock_visibility(s)
+            db.lock_visibility(s)  # a second call in the same transaction is a no-op
+            held.set()
+            time.sleep(0.4)
+            order.append("first commits")
+
+    def second():
+        held.wait(5)
+        with db.transaction() as s:
+            db.lock_visibility(s)
+            order.append("second holds")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert order == ["first commits", "second holds"]
+    # A rolled back transaction lets go too.
+    with pytest.raises(RuntimeError):
+        with db.transaction() as s:
+            db.lock_visibility(s)
+            raise RuntimeError("boom")
+    got = []
+    t = threading.Thread(target=lambda: got.append(db._visibility.acquire(timeout=2)))
+    t.start()
+    t.join(5)
+    assert got == [True]

@@ -82,6 +82,7 @@ class VisibilityChange:
     def show(self, stored: StoredKeys, *, record=None, delta: Delta | None = None) -> None:
         """Put an edit's keys in the memory; ``record`` / ``delta``, when given, go to the mirror
         and delta cache as they are (else the mirror gets the record converted from ``stored``)."""
+        self.sync.change_started(self)
         before = self.sync.memory.get(stored.edit_id)
         self._undo.append((stored.edit_id, before))
         self.sync.note_local_version(self.sync.memory.put(stored))
@@ -89,6 +90,7 @@ class VisibilityChange:
 
     def hide(self, edit_id: str) -> None:
         """Take an edit's keys out of the memory (and, on ``apply``, its mirror keys and delta)."""
+        self.sync.change_started(self)
         before = self.sync.memory.get(edit_id)
         self._undo.append((edit_id, before))
         self.sync.note_local_version(self.sync.memory.delete(edit_id))
@@ -112,6 +114,7 @@ class VisibilityChange:
             log.warning("could not undo the selector memory change; it will be reconciled with the database")
             self.sync.request_reconcile()
         self._undo, self._local = [], []
+        self.sync.change_ended(self)
 
     def apply(self) -> None:
         """After the commit: this process's mirror and delta cache follow the memory."""
@@ -124,7 +127,8 @@ class VisibilityChange:
                 if delta is not None:
                     self.deltas.put(edit_id, delta)
                 self.selector.add(record if record is not None else self.sync.to_record(stored))
-        self._undo, self._local = [], []
+            self._undo, self._local = [], []
+            self.sync.change_ended(self)
 
 
 class EditService:

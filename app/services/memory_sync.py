@@ -76,6 +76,7 @@ class MemorySync:
         self._dirty = False  # the mirror may differ from the memory: reload at the next check
         self._suspect = False  # the memory may differ from the database: reconcile at the next check
         self._inactive: set[str] = set()
+        self._in_flight: dict[int, float] = {}  # local changes written to the memory, not yet to the mirror
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -156,6 +157,8 @@ class MemorySync:
         """Rebuild when the memory holds nothing (first start, or Redis lost its data); reload the
         mirror when its version or its edit ids differ from the memory's, or it was marked dirty."""
         with self.lock:
+            if self._changing():
+                return  # a change of this process is between the memory and the mirror: next time
             version, ids = self.memory.state()
             if version is not None:
                 if self._dirty or version != self._local_version or ids != set(self.selector.edit_ids()):
@@ -204,6 +207,21 @@ class MemorySync:
         self.reloads += 1
 
     # -- changes made here ---------------------------------------------------------------------
+    def change_started(self, change: object) -> None:
+        """A local change has begun writing the memory; its mirror update follows (``change_ended``)."""
+        self._in_flight.setdefault(id(change), time.monotonic())
+
+    def change_ended(self, change: object) -> None:
+        self._in_flight.pop(id(change), None)
+
+    def _changing(self, horizon_s: float = 30.0) -> bool:
+        """A local change is in flight (one older than ``horizon_s`` is taken as abandoned)."""
+        now = time.monotonic()
+        for key, since in list(self._in_flight.items()):
+            if now - since > horizon_s:
+                self._in_flight.pop(key, None)
+        return bool(self._in_flight)
+
     def note_local_version(self, version: int) -> None:
         with self.lock:
             if self._local_version is not None and version == self._local_version + 1:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -55,6 +56,7 @@ class Database:
             raise ValueError(f"invalid schema name {schema!r}")
         self.url = url
         self.schema = schema
+        self._visibility = threading.RLock()  # SQLite's stand-in for the visibility advisory lock
         kwargs: dict = {"pool_pre_ping": True, "future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
@@ -94,10 +96,22 @@ class Database:
         return int.from_bytes(digest[:8], "big", signed=True)
 
     def lock_visibility(self, session: Session) -> None:
-        """Hold the memory-visibility lock until ``session``'s transaction ends (PostgreSQL; a
-        SQLite database serves one process, whose changes are serialised already)."""
+        """Hold the memory-visibility lock until ``session``'s transaction ends: a PostgreSQL
+        advisory lock across replicas; with SQLite (one process) a lock of this process, so the
+        periodic check never reads the database and the memory halfway through a change."""
         if self.dialect == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key("visibility")})
+            return
+        if session.info.get("visibility_held"):
+            return
+        self._visibility.acquire()
+        session.info["visibility_held"] = True
+
+        def release(sess, transaction) -> None:
+            if transaction.parent is None and sess.info.pop("visibility_held", False):
+                self._visibility.release()
+
+        event.listen(session, "after_transaction_end", release)
 
     @contextmanager
     def claim(self, name: str) -> Iterator[bool]:
