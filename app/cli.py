@@ -95,12 +95,16 @@ def show_config(markdown: bool = typer.Option(False, help="Print a Markdown tabl
 def _register_measurements() -> None:
     from app.cli_calibrate import calibrate_cmd
     from app.cli_detect import detect
+    from app.cli_train_editor import train_editor_cmd
     from app.eval.cli import register
 
     register(app)
     app.command("detect", help="CKA against raw probability and rank-based assessment on true vs corrupted facts.")(detect)
     app.command("calibrate", help="CaliNet on facts the model gets wrong: false rate, EM/F1, perplexity before and after.")(
         calibrate_cmd
+    )
+    app.command("train-editor", help="Train the KnowledgeEditor (method `ke`) for a model: resumable, with a validation curve.")(
+        train_editor_cmd
     )
 
 

@@ -67,7 +67,12 @@ class Runtime:
         calibrations = CalibrationService(db, lm, jobs)
         rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, jobs, calibrations,
                  DetectService(lm), admin_key_file)
+        from app.methods import base as methods
+
+        for name in methods.names(edits_only=True):
+            methods.get(name).prepare(lm, settings.home)  # e.g. the trained editor of `ke`
         sync.start()
+        edits.restore_global()
         calibrations.start()
         if start_jobs:
             jobs.start()
