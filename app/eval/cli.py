@@ -218,8 +218,11 @@ def bench_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` and ``bench`` to the main CLI."""
+    from app.eval.compare import compare_command
+
     app.command("eval")(eval_command)
     app.command("bench")(bench_command)
+    app.command("compare")(compare_command)
 
 
 def standalone() -> typer.Typer:
