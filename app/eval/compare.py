@@ -77,6 +77,9 @@ def compare_command(
     sequential: bool = typer.Option(True, "--sequential/--independent",
                                     help="Keep all edits active, or revert each after measuring it."),
     held: int = typer.Option(50, "--held", min=0, help="Largest held set for performance deterioration."),
+    held_min_accuracy: float = typer.Option(
+        1.0, "--held-min-accuracy", min=0.01, max=1.0,
+        help="Share of a held question's truth tokens that must be the argmax (1.0: greedy writes it)."),
     fluency_n: int = typer.Option(20, "--fluency-n", min=0, help="Cases sampled for fluency and free-form answers."),
     subject_queries: int = typer.Option(2, "--subject-queries", min=0, help="Other-relation questions per subject."),
     mode: ModeChoice = typer.Option(ModeChoice.completion, "--mode", help="Prompt form of the measurements."),
@@ -116,7 +119,8 @@ def compare_command(
             else:
                 shared[key] = value
         out = out or Path("results") / f"compare-{dataset.value}-n{n}-{'seq' if sequential else 'ind'}"
-        runs = [_run_one(dataset, file, m, {**shared, **per[m]}, n, sequential, held, fluency_n, subject_queries,
+        runs = [_run_one(dataset, file, m, {**shared, **per[m]}, n, sequential, held, held_min_accuracy, fluency_n,
+                         subject_queries,
                          mode, seed, out / m, model, threads, console) for m in names]
     out.mkdir(parents=True, exist_ok=True)
     command = command_text("compare")
@@ -130,7 +134,7 @@ def compare_command(
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'}")
 
 
-def _run_one(dataset, file, method, cfg_dict, n, sequential, held, fluency_n, subject_queries, mode, seed, out,
+def _run_one(dataset, file, method, cfg_dict, n, sequential, held, held_min_accuracy, fluency_n, subject_queries, mode, seed, out,
              model, threads, console) -> dict[str, Any]:
     from app.eval.cli import _progress, _quiet_http_logs, _threads, make_backend
     from app.eval.datasets import load_dataset
@@ -139,7 +143,7 @@ def _run_one(dataset, file, method, cfg_dict, n, sequential, held, fluency_n, su
 
     ds = load_dataset(dataset.value, file)
     cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
-                     seed=seed, held=held, mode=mode.value, fluency_n=fluency_n, subject_queries=subject_queries)
+                     seed=seed, held=held, held_min_accuracy=held_min_accuracy, mode=mode.value, fluency_n=fluency_n, subject_queries=subject_queries)
     _threads(threads)
     _quiet_http_logs()
     backend, where = make_backend(None, None, model)
