@@ -19,6 +19,11 @@ class KeConfig(MethodConfig):
         default=1.0, gt=0, le=100.0,
         description="Multiplier of the predicted update (1: as the editor predicts it).",
     )
+    chat: bool = Field(
+        default=False,
+        description="Also take the prompt's chat form into the gradient and the `loop` stop rule (the editor "
+        "is trained on completion form).",
+    )
     routed: bool = Field(
         default=True,
         description="Serve the edit behind the selector (only queries routed to it see the update); false: the "

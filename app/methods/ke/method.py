@@ -30,11 +30,14 @@ def train_command(lm: LM) -> str:
 
 
 def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
-                 scale: float = 1.0) -> tuple[Delta, int, bool]:
-    """(delta, passes, the target holds on every prompt) for ``request``."""
+                 scale: float = 1.0, chat: bool = False) -> tuple[Delta, int, bool]:
+    """(delta, passes, the target holds on every prompt) for ``request``; with ``chat`` (and a chat
+    template) the prompt's chat form joins the gradient and the stop rule."""
     editor = ef.editor
     prompts = [p for p in dict.fromkeys([request.prompt, *request.paraphrases]) if p.strip()]
-    examples = [(lm.prompt_ids(p, "completion"), lm.target_ids(p, request.target, "completion")) for p in prompts]
+    modes = ["completion"] + (["chat"] if chat and lm.has_chat_template else [])
+    examples = [(lm.prompt_ids(p, m), lm.target_ids(p, request.target, m))
+                for m in modes for p in (prompts if m == "completion" else prompts[:1])]
     examples = [(p, t) for p, t in examples if t]
     if not examples:
         raise ValueError("the target encodes to no tokens")
@@ -94,7 +97,7 @@ class KnowledgeEditorMethod(Method[KeConfig]):
             raise ValueError("an edit needs a non-empty prompt and target")
         self.check(lm, config)
         ef = E.attached(lm)
-        delta, passes, holds = apply_editor(lm, ef, request, config.loop, config.scale)
+        delta, passes, holds = apply_editor(lm, ef, request, config.loop, config.scale, config.chat)
         meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
                 "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16]}
         final = Delta("lora", {k: v.detach().contiguous() for k, v in delta.tensors.items()}, meta)
