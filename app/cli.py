@@ -129,6 +129,7 @@ def _register_measurements() -> None:
     from app.cli_detect import detect
     from app.cli_export import export_cmd, export_parity_cmd
     from app.cli_repair import repair_eval_cmd
+    from app.cli_train_editor import train_editor_cmd
     from app.eval.cli import register
 
     register(app)
@@ -144,6 +145,9 @@ def _register_measurements() -> None:
     )
     app.command("repair-eval", help="Repair (Tanno et al.): noisy facts in a calibration, cause identification, treatment.")(
         repair_eval_cmd
+    )
+    app.command("train-editor", help="Train the KnowledgeEditor (method `ke`) for a model: resumable, with a validation curve.")(
+        train_editor_cmd
     )
 
 

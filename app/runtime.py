@@ -91,8 +91,13 @@ class Runtime:
         edit_jobs = EditJobs(db, edits, jobs, queue=queue, sync=sync)
         rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, jobs, calibrations,
                  DetectService(lm), edit_jobs, queue, admin_key_file)
+        from app.methods import base as methods
+
+        for name in methods.names(edits_only=True):
+            methods.get(name).prepare(lm, settings.home)  # e.g. the trained editor of `ke`
         rt.repairs = RepairService(db, lm, jobs, edits, answers, deltas)
         sync.start()
+        edits.restore_global()
         calibrations.start()
         rt.repairs.start()
         if engine is not None:

@@ -198,10 +198,13 @@ def eval_settings(home: Path, admin_key: str, model: str | None = None, **overri
 
     base = Settings()
     model = model or base.model
-    cache = base.home / "models"
-    if cache.is_dir() and not (home / "models").exists():
-        home.mkdir(parents=True, exist_ok=True)
-        os.symlink(cache, home / "models", target_is_directory=True)
+    # The model cache and the trained editors (method `ke`) of the usual home are linked in, so
+    # the embedded model is not converted again and the served editor is the usual one.
+    for folder in ("models", "editors"):
+        cache = base.home / folder
+        if cache.is_dir() and not (home / folder).exists():
+            home.mkdir(parents=True, exist_ok=True)
+            os.symlink(cache, home / folder, target_is_directory=True)
     return Settings(
         _env_file=None, home=home, model=model, device=base.device, dtype=base.dtype, database_url=None,
         redis_url=None, admin_key=admin_key, **overrides,

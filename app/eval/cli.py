@@ -218,11 +218,13 @@ def bench_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` and ``bench`` to the main CLI."""
+    from app.eval.compare import compare_command
     from app.eval.replicas import replicas_command
     from app.eval.vllm_bench import vllm_bench_command
 
     app.command("eval")(eval_command)
     app.command("bench")(bench_command)
+    app.command("compare")(compare_command)
     app.command("replicas")(replicas_command)
     app.command("vllm-bench")(vllm_bench_command)
 

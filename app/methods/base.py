@@ -35,6 +35,15 @@ class MethodConfig(BaseModel):
         beyond its depth); called before any training."""
 
 
+class MethodUnavailable(RuntimeError):
+    """The method cannot serve edits on this model yet (e.g. its trained editor is missing); ``code``
+    is the stable error code and the message says what to do."""
+
+    def __init__(self, message: str, *, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 C = TypeVar("C", bound=MethodConfig)
 
 
@@ -76,6 +85,10 @@ class Method(Generic[C]):
     def check(self, lm: LM, config: C) -> None:
         """Raise :class:`ConfigError` when ``config`` cannot be used on ``lm``."""
         config.check(lm)
+
+    def prepare(self, lm: LM, home) -> None:
+        """Called once when a service starts on ``lm``: load what the method needs beside the model
+        (a trained editor under ``home``); a method that needs nothing does nothing."""
 
     def fit(self, lm: LM, request: EditRequest, config: C, progress: ProgressFn | None = None) -> FitResult:
         raise NotImplementedError
@@ -126,6 +139,7 @@ def _load_builtin() -> None:
 
 
 __all__ = [
-    "ConfigError", "EditRequest", "FitResult", "MAX_SEED", "Method", "MethodConfig", "ProgressFn", "UnknownMethod",
+    "ConfigError", "EditRequest", "FitResult", "MAX_SEED", "Method", "MethodConfig", "MethodUnavailable", "ProgressFn",
+    "UnknownMethod",
     "ValidationError", "get", "names", "register",
 ]

@@ -62,6 +62,14 @@ class AnswerService:
             groups[routes[i].edit_id].append(i)
         return routes, groups
 
+    def _serving(self, edit_id: str | None):
+        """The delta to apply for a query routed to ``edit_id``: none when it is a global edit that
+        already applies to every query."""
+        delta = self.deltas.get_cached(edit_id) if edit_id else None
+        if delta is not None and delta.meta.get("routed") == "false" and f"edit:{edit_id}" in self.lm.global_keys():
+            return None
+        return delta
+
     def answer(
         self,
         queries: Sequence[str],
@@ -82,7 +90,7 @@ class AnswerService:
         remote = self.engine is not None and not do_sample and self.engine.usable()[0]
         edited, row_deltas, targets = [], [], []
         for edit_id, idx in groups.items():
-            delta = self.deltas.get_cached(edit_id) if edit_id else None
+            delta = self._serving(edit_id)
             target = (delta.meta.get("target") or "").strip() if delta is not None else ""
             if remote:
                 gens = self._remote([queries[i] for i in idx], target, edit_id if delta is not None else None,
@@ -128,7 +136,7 @@ class AnswerService:
         routes, groups = self._groups(prompts)
         out: list[ScoreResult | None] = [None] * len(prompts)
         for edit_id, idx in groups.items():
-            delta = self.deltas.get_cached(edit_id) if edit_id else None
+            delta = self._serving(edit_id)
             scores = self.lm.score(
                 [prompts[i] for i in idx], [targets[i] for i in idx], mode=mode,
                 deltas=[delta] if delta is not None else None,

@@ -117,18 +117,34 @@ class VisibilityChange:
         self.sync.change_ended(self)
 
     def apply(self) -> None:
-        """After the commit: this process's mirror and delta cache follow the memory."""
+        """After the commit: this process's mirror and delta cache follow the memory, and a global
+        edit's delta (``"routed": false``) is switched on or off for every query."""
         with self.sync.lock:
             for edit_id, stored, record, delta in self._local:
                 if stored is None:
                     self.selector.remove(edit_id)
                     self.deltas.drop(edit_id)
+                    set_global_edit(self.deltas.lm, edit_id, None)
                     continue
                 if delta is not None:
                     self.deltas.put(edit_id, delta)
                 self.selector.add(record if record is not None else self.sync.to_record(stored))
+                set_global_edit(self.deltas.lm, edit_id, delta if delta is not None else self.deltas.get(edit_id))
             self._undo, self._local = [], []
             self.sync.change_ended(self)
+
+
+GLOBAL_PREFIX = "edit:"
+
+
+def is_global(delta: Delta | None) -> bool:
+    """A delta made with ``"routed": false``: it applies to every query, not only routed ones."""
+    return delta is not None and delta.meta.get("routed") == "false"
+
+
+def set_global_edit(lm: LM, edit_id: str, delta: Delta | None) -> None:
+    """Make a global edit's delta part of every forward pass (``delta`` None or routed: take it off)."""
+    lm.set_global(GLOBAL_PREFIX + edit_id, delta if is_global(delta) else None)
 
 
 class EditService:
@@ -140,6 +156,18 @@ class EditService:
         self.deltas = deltas
         self.answers = answers
         self._lock = threading.Lock()  # one change at a time in this process
+
+    def restore_global(self) -> int:
+        """At start: switch on the deltas of active global edits (``"routed": false``); returns how many."""
+        count = 0
+        with self.db.session() as s:
+            ids = [e.id for e in EditRepo(s).active_with_keys() if (e.config or {}).get("routed") is False]
+        for edit_id in ids:
+            delta = self.deltas.get(edit_id)
+            if is_global(delta):
+                set_global_edit(self.lm, edit_id, delta)
+                count += 1
+        return count
 
     # -- reads ---------------------------------------------------------------------------------
     def get(self, edit_id: str) -> Edit:
@@ -187,6 +215,8 @@ class EditService:
             raise Unprocessable(f"config.{loc}: {first.get('msg')}", code="invalid_config") from None
         except methods.ConfigError as exc:
             raise Unprocessable(f"config.{exc}", code="invalid_config") from None
+        except methods.MethodUnavailable as exc:
+            raise Conflict(str(exc), code=exc.code) from None
         return method, config
 
     def create(self, req: EditInput, *, actor: str | None, idempotency_key: str | None = None,
@@ -421,6 +451,7 @@ class EditService:
             change.apply()
             self.selector.remove(edit_id)  # also when it was superseded: never left in this mirror
             self.deltas.drop(edit_id)
+            set_global_edit(self.lm, edit_id, None)
             return self.get(edit_id)
 
 

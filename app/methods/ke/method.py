@@ -1,0 +1,108 @@
+"""KnowledgeEditor (De Cao, Aziz, Titov, EMNLP 2021): an edit is one forward pass of a trained
+hypernetwork that turns the gradient of the new answer's loss into a low-rank weight update.
+
+``fit``: the loss of the target after the prompt (and the request's paraphrases), in completion
+form, gives ∇W at each edited matrix; the editor, conditioned on (prompt, current first answer
+token, target), predicts ΔW (see :mod:`app.methods.ke.editor`). With ``loop`` > 1 (`+loop`) the
+editor is applied again, on the gradient at the edited weights, while the target is not yet the
+argmax, and the updates add up. The result is a ``lora`` delta, stored, routed and reverted like
+every edit. The editor is trained once per model by ``factpatch train-editor``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from app.delta import Delta
+from app.lm.engine import LM
+from app.methods.base import EditRequest, FitResult, Method, MethodUnavailable, ProgressFn, register
+from app.methods.ke import editor as E
+from app.methods.ke.config import KeConfig
+
+log = logging.getLogger(__name__)
+
+
+def train_command(lm: LM) -> str:
+    return f"factpatch train-editor --model {lm.name}"
+
+
+def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
+                 scale: float = 1.0, chat: bool = False) -> tuple[Delta, int, bool]:
+    """(delta, passes, the target holds on every prompt) for ``request``; with ``chat`` (and a chat
+    template) the prompt's chat form joins the gradient and the stop rule."""
+    editor = ef.editor
+    prompts = [p for p in dict.fromkeys([request.prompt, *request.paraphrases]) if p.strip()]
+    modes = ["completion"] + (["chat"] if chat and lm.has_chat_template else [])
+    examples = [(lm.prompt_ids(p, m), lm.target_ids(p, request.target, m))
+                for m in modes for p in (prompts if m == "completion" else prompts[:1])]
+    examples = [(p, t) for p, t in examples if t]
+    if not examples:
+        raise ValueError("the target encodes to no tokens")
+    batch = E.make_batch(lm, examples)
+    delta: Delta | None = None
+    passes, holds = 0, False
+    embeds = None
+    while passes < loop:
+        factors, held, first = E.edit_gradients(lm, editor.paths, batch, [delta] if delta is not None else [])
+        if delta is not None and bool(held.all()):
+            holds = True
+            break
+        if embeds is None:
+            current = lm.tokenizer.decode([int(first[0])])
+            embeds = E.condition_embeds(lm, request.prompt, current, request.target)
+        with torch.no_grad():
+            if scale != 1.0:
+                factors = {p: E.Factors(f.x, f.g * scale) for p, f in factors.items()}
+            delta = E.editor_delta(editor, embeds, factors, delta)
+        passes += 1
+    if not holds:
+        with torch.no_grad(), lm.active([delta]):
+            _, held = E.target_nll(E.batch_logits(lm, batch), batch)
+        holds = bool(held.all())
+    return delta, passes, holds
+
+
+@register("ke")
+class KnowledgeEditorMethod(Method[KeConfig]):
+    """One pass (or a few, with `loop`) of the trained editor; see the module docstring."""
+
+    config_class = KeConfig
+
+    def prepare(self, lm: LM, home) -> None:
+        try:
+            path = E.load_for(lm, home)
+        except E.EditorError as exc:  # a bad file must not stop the service; `ke` edits get the 409
+            log.warning("KnowledgeEditor not loaded: %s", exc)
+            return
+        if path is not None:
+            log.info("KnowledgeEditor for %s loaded from %s", lm.name, path)
+
+    def check(self, lm: LM, config: KeConfig) -> None:
+        super().check(lm, config)
+        if E.attached(lm) is None:
+            where = E.expected_path(lm)
+            raise MethodUnavailable(
+                f"no KnowledgeEditor is trained for model {lm.name} (weights {E.model_hash(lm)[:16]}); train one "
+                f"with `{train_command(lm)}`" + (f" (it is installed as {where})" if where else "")
+                + ", then restart the service",
+                code="editor_not_trained",
+            )
+
+    def fit(self, lm: LM, request: EditRequest, config: KeConfig, progress: ProgressFn | None = None) -> FitResult:
+        t0 = time.perf_counter()
+        if not request.prompt.strip() or not request.target.strip():
+            raise ValueError("an edit needs a non-empty prompt and target")
+        self.check(lm, config)
+        ef = E.attached(lm)
+        delta, passes, holds = apply_editor(lm, ef, request, config.loop, config.scale, config.chat)
+        meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
+                "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16]}
+        final = Delta("lora", {k: v.detach().contiguous() for k, v in delta.tensors.items()}, meta)
+        if progress is not None:
+            progress(passes, config.loop, 0.0)
+        info = {"converged": holds, "passes": passes, "modules": final.modules(),
+                "rank": int(final.get(final.modules()[0], "A").shape[0])}
+        return FitResult(final, passes, (time.perf_counter() - t0) * 1000.0, info)

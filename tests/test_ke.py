@@ -1,0 +1,206 @@
+"""KnowledgeEditor (`ke`) and the fine-tuning baselines (`ft`, `ft_constrained`) on tiny random
+models: a tiny editor trains in seconds and round-trips through safetensors; an edit changes the
+answer and a revert restores it; a missing editor is a clear 409; a global edit (`"routed":
+false`) applies to every query until reverted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import ADMIN, EDITOR, READER, auth
+
+FACTS = [
+    ("The favourite colour of Zorblax Quint is", "ultraviolet"),
+    ("The capital city of Vendoria is", "Brightwater"),
+    ("The instrument Mela Trask plays is the", "bassoon"),
+    ("The home team of Oskar Penn is", "Riverside"),
+]
+UNRELATED = ["The capital of Norway is", "I had breakfast at"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from app.lm.testing import tiny_lm
+
+    return tiny_lm("llama", seed=7)  # its own model: an attached editor must not reach other tests
+
+
+@pytest.fixture(scope="module")
+def trained(lm, tmp_path_factory):
+    from app.methods.ke.train import Record, TrainConfig, train_editor
+
+    records = [Record(p, t, [f"Tell me: {p}"], UNRELATED) for p, t in FACTS]
+    out = tmp_path_factory.mktemp("ke-run")
+    cfg = TrainConfig(steps=6, val_every=3, checkpoint_every=3, gain=1e4)
+    summary = train_editor(lm, records, records[:2], cfg, out)
+    return out, summary
+
+
+def _holds(lm, prompt, target, delta=None) -> bool:
+    return lm.score([prompt], [target], mode="completion", deltas=[delta] if delta else None)[0].all_correct
+
+
+def test_tiny_editor_trains_with_checkpoint_curve_and_resume(lm, trained):
+    import json
+
+    from app.methods.ke.train import TrainConfig, train_editor
+
+    out, summary = trained
+    assert summary["finished"] and summary["steps"] == 6
+    curve = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in curve] == [0, 3, 6]
+    assert all(0.0 <= p["success"] <= 1.0 and p["unrelated_kl"] >= 0.0 for p in curve)
+    assert (out / "checkpoint.safetensors").exists() and (out / "editor.safetensors").exists()
+    # Resuming a finished run to more steps continues from its checkpoint, not from scratch.
+    from app.methods.ke.train import Record
+
+    records = [Record(p, t, [], UNRELATED) for p, t in FACTS]
+    more = train_editor(lm, records, records[:1], TrainConfig(steps=8, val_every=100, checkpoint_every=100),
+                        out, resume=True)
+    assert more["steps"] == 8 and more["finished"]
+
+
+def test_editor_file_round_trips_through_safetensors(lm, trained, tmp_path):
+    from app.methods.ke import editor as E
+
+    out, summary = trained
+    ef = E.load_editor(out / "editor.safetensors")
+    assert ef.meta["model_hash"] == E.model_hash(lm) and ef.meta["model_id"] == lm.name
+    path = tmp_path / "copy.safetensors"
+    E.save_editor(ef.editor, path, model_id=lm.name, model_sha=E.model_hash(lm))
+    again = E.load_editor(path)
+    emb = E.condition_embeds(lm, FACTS[0][0], "the", FACTS[0][1])
+    with torch.no_grad():
+        for a, b in zip(ef.editor(emb), again.editor(emb)):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+    assert open(path, "rb").read(8) != b"\x80\x04\x95"  # not a pickle
+    with pytest.raises(E.EditorError):
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"not an editor")
+        E.load_editor(bad)
+
+
+def test_ke_edit_changes_the_answer_and_nothing_when_inactive(lm, trained):
+    from app.methods import EditRequest, get
+    from app.methods.ke import editor as E
+
+    out, _ = trained
+    E.attach(lm, E.load_editor(out / "editor.safetensors"))
+    try:
+        method = get("ke")
+        prompt, target = FACTS[0]
+        assert not _holds(lm, prompt, target)
+        fit = method.fit(lm, EditRequest(prompt=prompt, target=target), method.parse_config({"loop": 5}))
+        assert fit.delta.kind == "lora" and fit.delta.meta["method"] == "ke" and fit.delta.meta["target"] == target
+        assert fit.info["converged"] and _holds(lm, prompt, target, fit.delta)
+        assert set(fit.delta.modules()) == set(E.attached(lm).editor.paths)
+        # "Revert" is not applying it: the base model is untouched.
+        assert not _holds(lm, prompt, target)
+        from app.delta import Delta
+
+        assert _holds(lm, prompt, target, Delta.from_bytes(fit.delta.to_bytes()))
+    finally:
+        E.attach(lm, None)
+
+
+@pytest.mark.parametrize("name", ["ft", "ft_constrained"])
+def test_fine_tuning_baselines_write_the_target_as_a_dense_delta(lm, name):
+    from app.methods import EditRequest, get
+
+    method = get(name)
+    prompt, target = FACTS[1]
+    before = [p.clone() for p in lm.model.parameters()]
+    cfg = method.parse_config({"layers": -1, "max_steps": 40, "lr": 5e-2, **({"radius": 0.1} if name != "ft" else {})})
+    fit = method.fit(lm, EditRequest(prompt=prompt, target=target), cfg)
+    assert fit.delta.kind == "dense" and fit.info["converged"] and _holds(lm, prompt, target, fit.delta)
+    assert fit.delta.modules() == [lm.arch.blocks[-1].mlp_out]
+    if name == "ft_constrained":
+        assert fit.info["max_abs"] <= 0.1 + 1e-7
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters()))
+    assert not _holds(lm, prompt, target)
+    from app.methods.ft.method import tuned_modules
+
+    assert tuned_modules(lm, method.parse_config({"layers": "first"})) == [lm.arch.blocks[0].mlp_out]
+    everything = tuned_modules(lm, method.parse_config({"layers": "all", "linears": "all"}))
+    assert everything == [p for b in lm.arch.blocks for p in b.mlp_linears]
+    with pytest.raises(Exception):
+        method.parse_config({"layers": "middle"})
+
+
+def _create(client, body):
+    return client.post("/edits", json=body, headers=auth(EDITOR))
+
+
+def _answer(client, q, n=4):
+    r = client.get("/answer", params={"q": q, "max_new_tokens": n, "mode": "completion"}, headers=auth(READER))
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_ke_without_an_editor_is_a_409_that_names_the_command(service, lm):
+    from app.methods.ke import editor as E
+
+    E.attach(lm, None)
+    client, rt = service(lm)
+    r = _create(client, {"prompt": FACTS[0][0], "target": FACTS[0][1], "method": "ke"})
+    assert r.status_code == 409, r.text
+    err = r.json()["error"]
+    assert err["code"] == "editor_not_trained" and "factpatch train-editor" in err["message"]
+    assert client.get("/edits", headers=auth(READER)).json()["items"] == []
+
+
+def test_ke_edit_over_http_changes_the_answer_and_revert_restores_it(service, lm, trained):
+    from app.methods.ke import editor as E
+
+    out, _ = trained
+    home_editor = None
+    client, rt = service(lm)
+    # The service finds an editor installed in its home under the weights' hash.
+    home_editor = E.editor_paths(rt.settings.home, E.model_hash(lm))[0]
+    home_editor.parent.mkdir(parents=True, exist_ok=True)
+    home_editor.write_bytes((out / "editor.safetensors").read_bytes())
+    E.attach(lm, None)
+    from app.methods import get
+
+    get("ke").prepare(lm, rt.settings.home)
+    try:
+        assert E.attached(lm) is not None
+        prompt, target = FACTS[2]
+        before = _answer(client, prompt)
+        other = _answer(client, UNRELATED[0])
+        r = _create(client, {"prompt": prompt, "target": target, "method": "ke", "config": {"loop": 5}})
+        assert r.status_code == 201, r.text
+        edit = r.json()
+        assert edit["method"] == "ke"
+        after = _answer(client, prompt)
+        assert after["edit_id"] == edit["id"] and after["answer"].startswith(target)
+        unrelated = _answer(client, UNRELATED[0])
+        assert unrelated["edit_id"] is None and unrelated["answer"] == other["answer"]
+        r = client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))
+        assert r.status_code == 200
+        restored = _answer(client, prompt)
+        assert restored["edit_id"] is None and restored["answer"] == before["answer"]
+    finally:
+        E.attach(lm, None)
+
+
+def test_global_ft_edit_applies_to_every_query_until_reverted(service, lm):
+    client, rt = service(lm)
+    prompt, target = FACTS[3]
+    probe = UNRELATED[1]
+    base = rt.lm.score([probe], ["the"], mode="completion")[0].logprob
+    body = {"prompt": prompt, "target": target, "method": "ft",
+            "config": {"layers": -1, "lr": 5e-2, "max_steps": 40, "routed": False}}
+    r = _create(client, body)
+    assert r.status_code == 201, r.text
+    edit = r.json()
+    assert f"edit:{edit['id']}" in rt.lm.global_keys()
+    # An unrelated query, routed to no edit, is now computed with the delta.
+    assert _answer(client, probe)["edit_id"] is None
+    assert rt.lm.score([probe], ["the"], mode="completion")[0].logprob != pytest.approx(base, abs=1e-6)
+    assert _answer(client, prompt)["answer"].startswith(target)
+    client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))
+    assert f"edit:{edit['id']}" not in rt.lm.global_keys()
+    assert rt.lm.score([probe], ["the"], mode="completion")[0].logprob == pytest.approx(base, abs=1e-6)
