@@ -175,7 +175,7 @@ def test_development_sentences_have_one_true_and_three_false_fillers_of_the_rela
 
 
 def test_detect_report_puts_every_score_side_by_side(lm, tmp_path):
-    from app.cli_detect import SCORES, markdown, measure_sets, plot, report
+    from app.cli.detect import SCORES, markdown, measure_sets, plot, report
     from app.knowledge.statement import DEFAULT_THRESHOLDS
 
     facts = [Fact(f"Person {i}", city, "P19") for i, city in enumerate(["Paris", "Rome", "Oslo", "Lima"] * 3)]

@@ -125,11 +125,11 @@ def show_config(markdown: bool = typer.Option(False, help="Print a Markdown tabl
 
 # Measurement commands live beside their code.
 def _register_measurements() -> None:
-    from app.cli_calibrate import calibrate_cmd
-    from app.cli_detect import detect
-    from app.cli_export import export_cmd, export_parity_cmd
-    from app.cli_repair import repair_eval_cmd
-    from app.cli_train_editor import train_editor_cmd
+    from app.cli.calibrate import calibrate_cmd
+    from app.cli.detect import detect
+    from app.cli.export import export_cmd, export_parity_cmd
+    from app.cli.repair import repair_eval_cmd
+    from app.cli.train_editor import train_editor_cmd
     from app.eval.cli import register
 
     register(app)

@@ -152,7 +152,7 @@ def repair_eval_cmd(
 ) -> None:
     import torch
 
-    from app.cli_calibrate import calibratable
+    from app.cli.calibrate import calibratable
     from app.delta import Delta
     from app.lm import LM
     from app.methods.calinet.config import CaliNetConfig
