@@ -70,8 +70,8 @@ def _cleanup():
     from sqlalchemy import create_engine, text
 
     eng = create_engine(PG_URL)
-    with eng.begin() as conn:
-        for s in _schemas:
+    for s in _schemas:  # one transaction a schema: dropping them all at once can exhaust the lock table
+        with eng.begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{s}" CASCADE'))
     eng.dispose()
     import redis
