@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from app.lm.engine import target_spellings
+
 log = logging.getLogger(__name__)
 
 
@@ -181,7 +183,7 @@ class VLLMEngine:
                 out.append(EditedText(lm.tokenizer.decode(row, skip_special_tokens=True), row))
                 continue
             budget = min(max_new_tokens, len(lm.target_ids(prompt, target, mode)) + self.slack)
-            stops = sorted({target, target.lower(), target.upper(), target.capitalize()})
+            stops = target_spellings(target)
             first = self._complete(adapter, ids, budget, stop=stops, include_stop_str_in_output=True)
             cut = lm._target_end(first, target)
             if cut is None or cut >= max_new_tokens:
@@ -190,7 +192,7 @@ class VLLMEngine:
             head = first[:cut]
             rest: list[int] = []
             left = max_new_tokens - len(head)
-            bad = _spellings(target)
+            bad = target_spellings(target)
             if target[-1].isalnum() and left > 0:
                 step = self._complete(self.model, ids + head, 1, allowed_token_ids=self.boundary_tokens(),
                                       bad_words=bad)
@@ -214,13 +216,6 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.http.close()
-
-
-def _spellings(target: str) -> list[str]:
-    """The target's spellings the base model must not write again (the local engine's bad words)."""
-    from app.lm.engine import target_spellings
-
-    return target_spellings(target)
 
 
 class AdapterMissing(EngineUnavailable):

@@ -116,6 +116,17 @@ class VisibilityChange:
         self._undo, self._local = [], []
         self.sync.change_ended(self)
 
+    def undo_and_raise(self, exc: BaseException, outcome: str):
+        """Undo after ``exc`` ended the transaction, then raise: 503 with a code when a store was
+        unavailable (``outcome`` says what did not happen), else ``exc`` itself."""
+        self.undo(unknown=_is_redis_error(exc) or _is_db_error(exc))
+        if _is_redis_error(exc):
+            raise Unavailable(f"the selector memory (Redis) is unavailable; {outcome}",
+                              code="memory_unavailable") from exc
+        if _is_db_error(exc):
+            raise DatabaseUnavailable(f"the database is unavailable; {outcome}") from exc
+        raise exc
+
     def apply(self) -> None:
         """After the commit: this process's mirror and delta cache follow the memory, and a global
         edit's delta (``"routed": false``) is switched on or off for every query."""
@@ -393,13 +404,7 @@ class EditService:
                 raise Conflict("a request with this Idempotency-Key is in progress or done", code="idempotency_conflict") from exc
             raise
         except Exception as exc:
-            change.undo(unknown=_is_redis_error(exc) or _is_db_error(exc))
-            if _is_redis_error(exc):
-                raise Unavailable("the selector memory (Redis) is unavailable; the edit was not stored",
-                                  code="memory_unavailable") from exc
-            if _is_db_error(exc):
-                raise DatabaseUnavailable("the database is unavailable; the edit was not stored") from exc
-            raise
+            change.undo_and_raise(exc, "the edit was not stored")
         change.apply()
 
     def _change(self) -> VisibilityChange:
@@ -441,19 +446,12 @@ class EditService:
                     if reinstated is not None:
                         change.show(stored_from_edit(reinstated))
             except Exception as exc:
-                change.undo(unknown=_is_redis_error(exc) or _is_db_error(exc))
-                if _is_redis_error(exc):
-                    raise Unavailable("the selector memory (Redis) is unavailable; nothing was reverted",
-                                      code="memory_unavailable") from exc
-                if _is_db_error(exc):
-                    raise DatabaseUnavailable("the database is unavailable; nothing was reverted") from exc
-                raise
+                change.undo_and_raise(exc, "nothing was reverted")
             change.apply()
             self.selector.remove(edit_id)  # also when it was superseded: never left in this mirror
             self.deltas.drop(edit_id)
             set_global_edit(self.lm, edit_id, None)
             return self.get(edit_id)
-
 
     def reinstate(self, edit_id: str, *, actor: str | None, reason: str) -> Edit:
         """Make a reverted edit active again (a repair's revert undoing its own revert of the edit).
@@ -478,15 +476,10 @@ class EditService:
                                         reason=reason)
                     change.show(stored_from_edit(row))
             except Exception as exc:
-                change.undo(unknown=_is_redis_error(exc) or _is_db_error(exc))
-                if _is_redis_error(exc):
-                    raise Unavailable("the selector memory (Redis) is unavailable; nothing was reinstated",
-                                      code="memory_unavailable") from exc
-                if _is_db_error(exc):
-                    raise DatabaseUnavailable("the database is unavailable; nothing was reinstated") from exc
-                raise
+                change.undo_and_raise(exc, "nothing was reinstated")
             change.apply()
             return self.get(edit_id)
+
 
 class _StagedDeltas:
     """The delta cache as the answer path reads it, plus one delta not stored yet."""
