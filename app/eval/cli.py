@@ -96,6 +96,7 @@ def eval_command(
                                     help="Keep all edits active (default) or revert each after measuring it."),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling and bootstrap intervals."),
     shuffle: bool = typer.Option(False, "--shuffle", help="Edit a seeded sample instead of the first n records."),
+    start: int = typer.Option(0, "--start", min=0, help="Skip this many usable records first (file order)."),
     curve_every: Optional[int] = typer.Option(None, "--curve-every", min=1, help="Curve point every k edits."),
     held: int = typer.Option(50, "--held", min=0, help="Largest held set for performance deterioration."),
     held_min_accuracy: float = typer.Option(
@@ -132,7 +133,7 @@ def eval_command(
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--file") from None
     cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
-                     seed=seed, shuffle=shuffle, curve_every=curve_every, held=held,
+                     seed=seed, shuffle=shuffle, start=start, curve_every=curve_every, held=held,
                      latency_probe=latency_probe, held_min_accuracy=held_min_accuracy, mode=mode.value,
                      fluency_n=fluency_n, subject_queries=subject_queries)
     out = out or DEFAULT_RESULTS / f"eval-{dataset.value}-{method}-n{n}-{'seq' if sequential else 'ind'}"

@@ -50,6 +50,7 @@ class EvalConfig(BaseModel):
     sequential: bool = Field(default=True, description="Keep all edits active (else: each alone, then revert).")
     seed: int = Field(default=0, description="Seed of case sampling and bootstrap intervals.")
     shuffle: bool = Field(default=False, description="Edit a seeded sample instead of the first n records.")
+    start: int = Field(default=0, ge=0, description="Skip this many usable records first (file order, before any shuffle).")
     curve_every: int | None = Field(
         default=None, ge=1, description="Measure the cases edited so far every k edits (unset: about 10 points)."
     )
@@ -164,8 +165,17 @@ class Runner:
         self.mode: Mode = self.modes[0]
         self.subj: list[list[SubjectQuery]] = []
         self.fluency_idx: set[int] = set()
-        self.progress = progress or (lambda stage, done, total: None)
+        self._report = progress or (lambda stage, done, total: None)
         self.batch_latencies: list[float] = []  # per query, amortised over a batch
+        self.stage_s: dict[str, float] = {}  # wall seconds per stage of the run
+        self._stage_t0: dict[str, float] = {}
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        """Forward to the caller's progress callback and time the stage (first report to last)."""
+        now = time.perf_counter()
+        t0 = self._stage_t0.setdefault(stage, now)
+        self.stage_s[stage] = round(now - t0, 3)
+        self._report(stage, done, total)
 
     # -- backend helpers ---------------------------------------------------------------------------
     def _score(self, pairs: Sequence[tuple[str, str]]) -> list[ScoreOutcome]:
@@ -409,7 +419,8 @@ class Runner:
         t_start = time.perf_counter()
         cfg = self.cfg
         ds = dataset or load_dataset(cfg.dataset, cfg.file)
-        cases, rest = select(ds.cases, cfg.n, shuffle=cfg.shuffle, seed=cfg.seed)
+        cases, rest = select(ds.cases[cfg.start:], cfg.n, shuffle=cfg.shuffle, seed=cfg.seed)
+        rest = rest + ds.cases[: cfg.start]  # held-set candidates: every record not edited
         model_id = self.b.model_id()
         editing = cfg.method != BASE_METHOD
         # Re-edits of one fact: only sequential runs keep the older edit around to be superseded.
@@ -434,7 +445,9 @@ class Runner:
             helds[mode] = self.build_held(rest, cases)
             base_results[mode] = res
             self.progress(f"base model ({mode})", 1, 1)
+        self.progress("base model (free-form)", 0, 1)
         self.fill_free(base_results[free_mode], cases, self.measure_free(cases, indices))
+        self.progress("base model (free-form)", 1, 1)
         self.mode = self.modes[0]
         probe = [c.locality_prompt or c.prompt for c in cases]
         base_single = self.probe_latency(probe)
@@ -480,6 +493,7 @@ class Runner:
             "answer_ms_edited": M.latency_summary(edited_single),
             "answer_batch_ms_per_query_base": base_batch,
             "answer_batch_ms_per_query_edited": M.latency_summary(self.batch_latencies),
+            "stages_s": dict(self.stage_s),
         }
         held_info = dict(helds[first][1])
         held_info.update(case_ids=[c.case_id for c in helds[first][0]])
@@ -530,6 +544,7 @@ class Runner:
         step = self.cfg.curve_step()
         curves: list[dict[str, Any]] = []
         self.mode = first
+        self.progress("editing", 0, len(cases))
         for i, c in enumerate(cases):
             r = results[first][i]
             self._edit(c, r)
@@ -558,7 +573,9 @@ class Runner:
                 held_acc[m], _ = self.held_accuracy(helds[m][0])
             self.progress(f"final measurement ({m})", 1, 1)
         free_mode = "chat" if "chat" in self.modes else first
+        self.progress("final measurement (free-form)", 0, 1)
         self.fill_free(results[free_mode], cases, self.measure_free(cases, indices))
+        self.progress("final measurement (free-form)", 1, 1)
         self.mode = first
         active = [i for i in indices if sup[i] is None]
         final_ok = [bool(final_tf["rel_s"][i] and final_tf["rel_s"][i].all_correct) for i in active]
