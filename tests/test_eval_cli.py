@@ -243,8 +243,9 @@ def test_mode_both_reports_rows_per_form_with_user_view(tmp_path):
     model_dir = _tiny_model_dir(tmp_path)
     out = tmp_path / "out"
     res = runner.invoke(standalone(), [
-        "eval", "--dataset", "counterfact", "--file", str(_cf_file(tmp_path, 4)), "--n", "3", "--method", "pnp",
-        "--config", "max_steps=2", "--held", "0", "--latency-probe", "0", "--mode", "both", "--fluency-n", "2",
+        "eval", "--dataset", "counterfact", "--file", str(_cf_file(tmp_path, 5)), "--n", "3", "--start", "1",
+        "--method", "pnp", "--config", "max_steps=2", "--held", "0", "--latency-probe", "0", "--mode", "both",
+        "--fluency-n", "2",
         "--model", str(model_dir), "--out", str(out),
     ])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -260,3 +261,21 @@ def test_mode_both_reports_rows_per_form_with_user_view(tmp_path):
     assert data["user_view"]["fluency_cases"] == 2 and data["config"]["mode"] == "both"
     md = (out / "report.md").read_text()
     assert "subject locality (greedy EM)" in md and "pnp (chat)" in md and "Cases each metric covers" in md
+    # --start 1: records 1-3 are edited, in file order
+    assert [c["case_id"] for c in data["cases"][:3]] == ["1", "2", "3"]
+    assert set(data["timing"]["stages_s"]) >= {"editing", "final measurement (chat)", "base model (completion)"}
+
+    # A subset over every case reproduces the run's own rows; a smaller one covers only its cases.
+    res = runner.invoke(standalone(), ["eval-subset", str(out), "--cases", "0-9", "--name", "all"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = runner.invoke(standalone(), ["eval-subset", str(out), "--cases", "2", "--name", "one"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data2 = json.loads((out / "results.json").read_text())
+    whole, one = (s["rows"] for s in data2["subsets"])
+    for a, b in zip(data2["rows"], whole):
+        assert {k: v for k, v in a.items() if k not in ("name", "held_accuracy", "performance_deterioration", "fu_ratio")} \
+            == {k: v for k, v in b.items() if k != "name"}
+    assert [r["n"] for r in one] == [1, 1, 1, 1] and data2["subsets"][1]["n"] == 1
+    assert "## Subset: one" in (out / "report.md").read_text()
+    _usage_error(runner.invoke(standalone(), ["eval-subset", str(out), "--cases", "7-9", "--name", "x"]), "no case")
+    _usage_error(runner.invoke(standalone(), ["eval-subset", str(out), "--cases", "a-b", "--name", "x"]), "range")

@@ -217,6 +217,27 @@ def bench_command(
     run_bench(cfg, out, env, console)
 
 
+def eval_subset_command(
+    run: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of a finished eval (results.json)."),
+    cases: str = typer.Option(..., "--cases", help="Case id ranges, e.g. 100-499,700-749,950-999."),
+    name: str = typer.Option(..., "--name", help="Name of the subset in results.json and report.md."),
+) -> None:
+    """Add rows over a subset of a finished run's cases (e.g. the records no setting was tuned on)."""
+    from app.eval.report import write_eval
+    from app.eval.subsets import SubsetError, add_subset
+
+    path = run / "results.json"
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} not found", param_hint="RUN")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        add_subset(results, cases, name)
+    except SubsetError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cases") from None
+    files = write_eval(results, run)
+    typer.echo(f"wrote {', '.join(str(p) for p in files.values())}")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``eval`` and ``bench`` to the main CLI."""
     from app.eval.compare import compare_command
@@ -224,6 +245,7 @@ def register(app: typer.Typer) -> None:
     from app.eval.vllm_bench import vllm_bench_command
 
     app.command("eval")(eval_command)
+    app.command("eval-subset")(eval_subset_command)
     app.command("bench")(bench_command)
     app.command("compare")(compare_command)
     app.command("replicas")(replicas_command)

@@ -147,6 +147,19 @@ def superseded_lines(results: dict[str, Any]) -> list[str]:
     return parts
 
 
+def subset_lines(results: dict[str, Any]) -> list[str]:
+    """Rows recomputed over named subsets of the cases (``factpatch eval-subset``)."""
+    parts: list[str] = []
+    for sub in results.get("subsets") or []:
+        header, rows = table_rows({"rows": sub["rows"]})
+        parts += ["", f"## Subset: {sub['name']}",
+                  f"Cases with ids {sub['cases']} ({sub['n']} active cases), all {results['dataset']['edited']} "
+                  "edits still active; computed from the per-case records by "
+                  f"`factpatch eval-subset --cases {sub['cases']} --name \"{sub['name']}\"`.",
+                  "", markdown_table(header, rows)]
+    return parts
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -195,6 +208,7 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         "Cases each metric covers:",
         *coverage_lines(results),
         *superseded_lines(results),
+        *subset_lines(results),
         "",
         "## Settings",
         f"- mode: {mode}; prompt form: {cfg['mode']}",
@@ -228,7 +242,8 @@ def eval_markdown(results: dict[str, Any], plot: str | None) -> str:
         f"{cfg['locality_tokens']} tokens, client side): before edits p50 {_num(t['answer_ms_base']['p50'], 1)} ms, "
         f"p95 {_num(t['answer_ms_base']['p95'], 1)} ms; after all edits p50 {_num(t['answer_ms_edited']['p50'], 1)} ms, "
         f"p95 {_num(t['answer_ms_edited']['p95'], 1)} ms",
-        f"- whole run: {results['elapsed_s']:.0f} s",
+        f"- whole run: {results['elapsed_s']:.0f} s"
+        + (" (" + ", ".join(f"{k} {v:.0f} s" for k, v in t["stages_s"].items()) + ")" if t.get("stages_s") else ""),
     ]
     if results.get("fu"):
         fu = results["fu"]
