@@ -19,6 +19,7 @@ from app.services.edit_jobs import EditJobs
 from app.services.edits import EditService
 from app.services.jobs import JobRunner
 from app.services.keys import KeyService
+from app.services.global_deltas import GlobalDeltaSync
 from app.services.memory_sync import MemorySync
 from app.services.repairs import RepairService
 from app.settings import Settings
@@ -48,6 +49,7 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     extras: dict = field(default_factory=dict)
     repairs: RepairService | None = None
+    globals: GlobalDeltaSync | None = None  # the deltas every query goes through, kept equal to the database
 
     @classmethod
     def build(cls, settings: Settings, *, lm: LM | None = None, selector=None, migrate: bool = True,
@@ -79,7 +81,8 @@ class Runtime:
             engine = EngineService(VLLMEngine(settings.vllm_url, lm, model=settings.vllm_model), lm, deltas, selector,
                                    settings.home, db=db)
         answers = AnswerService(lm, selector, deltas, engine=engine, chat_end=settings.edited_chat_end)
-        edits = EditService(db, lm, selector, sync, deltas, answers)
+        globals_ = GlobalDeltaSync(db, lm)  # calibrations, repairs and global edits, on every replica
+        edits = EditService(db, lm, selector, sync, deltas, answers, globals_)
         queue = None
         if settings.uses_workers:
             from app.services.queue import JobQueue
@@ -87,7 +90,7 @@ class Runtime:
             queue = JobQueue(settings.redis_url, settings.redis_prefix,
                              heartbeat_seconds=settings.worker_heartbeat_seconds)
         jobs = JobRunner(db, queue=queue)
-        calibrations = CalibrationService(db, lm, jobs)
+        calibrations = CalibrationService(db, lm, jobs, globals_)
         edit_jobs = EditJobs(db, edits, jobs, queue=queue, sync=sync)
         rt = cls(settings, lm, db, memory, selector, sync, deltas, keys, answers, edits, jobs, calibrations,
                  DetectService(lm), edit_jobs, queue, admin_key_file)
@@ -95,11 +98,10 @@ class Runtime:
 
         for name in methods.names(edits_only=True):
             methods.get(name).prepare(lm, settings.home)  # e.g. the trained editor of `ke`
-        rt.repairs = RepairService(db, lm, jobs, edits, answers, deltas)
+        rt.repairs = RepairService(db, lm, jobs, edits, answers, deltas, globals_)
+        rt.globals = globals_
         sync.start()
-        edits.restore_global()
-        calibrations.start()
-        rt.repairs.start()
+        globals_.start()
         if engine is not None:
             engine.start()
         if start_jobs and queue is None and not worker:
@@ -127,9 +129,8 @@ class Runtime:
         self.jobs.stop()
         if self.answers.engine is not None:
             self.answers.engine.stop()
-        if self.repairs is not None:
-            self.repairs.stop()
-        self.calibrations.stop()
+        if self.globals is not None:
+            self.globals.stop()
         self.sync.stop()
         if self.queue is not None:
             self.queue.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import ADMIN, EDITOR, READER, auth
+from tests.conftest import ADMIN, EDITOR, READER, auth, wait_until
 
 FACTS = [
     ("The favourite colour of Zorblax Quint is", "ultraviolet"),
@@ -204,3 +204,29 @@ def test_global_ft_edit_applies_to_every_query_until_reverted(service, lm):
     client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))
     assert f"edit:{edit['id']}" not in rt.lm.global_keys()
     assert rt.lm.score([probe], ["the"], mode="completion")[0].logprob == pytest.approx(base, abs=1e-6)
+
+
+def test_global_edit_reaches_another_replica_and_so_does_its_revert(service, lm):
+    """Replica A makes a global edit; replica B (its own model, same database and Redis) switches it
+    on within the sync interval, and off again after A reverts it; B's restart is not needed."""
+    from app.lm.testing import tiny_lm
+
+    client_a, rt_a = service(lm)
+    lm_b = tiny_lm("llama", seed=7)  # the same weights, a separate model object: replica B
+    client_b, rt_b = service(lm_b)
+    probe = UNRELATED[0]
+    base_b = lm_b.score([probe], ["the"], mode="completion")[0].logprob
+    prompt, target = FACTS[2]
+    body = {"prompt": prompt, "target": target, "method": "ft",
+            "config": {"layers": -1, "lr": 5e-2, "max_steps": 40, "routed": False}}
+    r = _create(client_a, body)
+    assert r.status_code == 201, r.text
+    key = f"edit:{r.json()['id']}"
+    assert wait_until(lambda: key in lm_b.global_keys())
+    assert lm_b.score([probe], ["the"], mode="completion")[0].logprob != pytest.approx(base_b, abs=1e-6)
+    assert _answer(client_b, prompt)["answer"].startswith(target)
+    assert client_a.post(f"/admin/edits/{r.json()['id']}/revert", headers=auth(ADMIN)).status_code == 200
+    assert wait_until(lambda: key not in lm_b.global_keys())
+    assert lm_b.score([probe], ["the"], mode="completion")[0].logprob == pytest.approx(base_b, abs=1e-6)
+    # Closing a replica takes its global deltas off its own model only.
+    assert lm.global_keys() == []

@@ -29,7 +29,7 @@ import typer
 
 from app.knowledge.cka import ScoreItem, encode_item
 from app.knowledge.facts import Fact, load_facts
-from app.knowledge.templates import load_relations, split_templates
+from app.knowledge.templates import load_relations
 
 
 def _rows(lm, facts, templates):

@@ -8,7 +8,6 @@ up calibrations activated or reverted elsewhere by polling the small set of acti
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -20,6 +19,7 @@ from app.knowledge import Fact, KnowledgeError
 from app.knowledge.cka import validate_facts
 from app.lm.engine import LM
 from app.methods.calinet.config import CaliNetConfig
+from app.services.global_deltas import GlobalDeltaSync
 from app.services.jobs import JobInterrupted, JobRunner
 from app.store import AuditRepo, CalibrationRepo, Database, JobRepo
 from app.store.models import Calibration, Job, utcnow
@@ -33,56 +33,33 @@ def _as_422(exc: KnowledgeError) -> Unprocessable:
     return Unprocessable(exc.message, code=exc.code)
 
 
+PREFIX = "calibration:"
+
+
 class CalibrationService:
     JOB_KIND = "calibration"
 
-    def __init__(self, db: Database, lm: LM, jobs: JobRunner, poll_seconds: float = 2.0):
+    def __init__(self, db: Database, lm: LM, jobs: JobRunner, globals: GlobalDeltaSync):
         self.db = db
         self.lm = lm
         self.jobs = jobs
-        self.poll_seconds = poll_seconds
-        self._active: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.globals = globals
+        globals.register(PREFIX, self._active)
         jobs.register(self.JOB_KIND, self._run)
 
-    # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> None:
-        self.sync_active()
-        self._thread = threading.Thread(target=self._poll, name="factpatch-calibration-sync", daemon=True)
-        self._thread.start()
+    def _active(self, session) -> dict[str, Any]:
+        """The active calibrations, each key with a loader of its delta (for the global delta sync)."""
+        return {PREFIX + cal_id: (lambda cal_id=cal_id: self._load(cal_id)) for cal_id in CalibrationRepo(session).active_ids()}
 
-    def stop(self) -> None:
-        """Stop following the database and take this service's calibrations off the engine (a
-        model shared with another runtime must not keep them)."""
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=3)
-        with self._lock:
-            for cal_id in self._active:
-                self.lm.set_global(f"calibration:{cal_id}", None)
-            self._active = set()
+    def _load(self, cal_id: str) -> Delta | None:
+        with self.db.session() as s:
+            data = CalibrationRepo(s).delta_data(cal_id)
+        return Delta.from_bytes(data) if data else None
 
     def sync_active(self) -> None:
-        """Make the engine's global deltas equal the active calibrations in the database."""
-        with self.db.session() as s:
-            active = {c.id: c for c in CalibrationRepo(s).active()}
-        with self._lock:
-            if self._stop.is_set():
-                return
-            for cal_id in self._active - active.keys():
-                self.lm.set_global(f"calibration:{cal_id}", None)
-            for cal_id in active.keys() - self._active:
-                self.lm.set_global(f"calibration:{cal_id}", Delta.from_bytes(active[cal_id].delta))
-            self._active = set(active)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.sync_active()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("calibration sync failed: %s", type(exc).__name__)
+        """Make the engine's calibration deltas equal the active calibrations in the database (at
+        once here; every replica follows within the sync's poll interval)."""
+        self.globals.sync(PREFIX)
 
     # -- create / read / revert ----------------------------------------------------------------
     def create(self, facts: list[Fact], raw_config: dict[str, Any], *, actor: str | None) -> tuple[Calibration, Job]:

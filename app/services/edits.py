@@ -32,6 +32,7 @@ from app.lm.engine import LM
 from app.methods import base as methods
 from app.services.answers import AnswerService
 from app.services.deltas import DeltaCache
+from app.services.global_deltas import GlobalDeltaSync
 from app.selector.memory import StoredKeys
 from app.services.memory_sync import MemorySync, stored_from_edit
 from app.store import AuditRepo, Database, EditRepo
@@ -74,8 +75,8 @@ class VisibilityChange:
     cache. So a failed change leaves no key behind, and the mirror never runs ahead of the rows.
     """
 
-    def __init__(self, sync: MemorySync, selector, deltas: DeltaCache):
-        self.sync, self.selector, self.deltas = sync, selector, deltas
+    def __init__(self, sync: MemorySync, selector, deltas: DeltaCache, globals: GlobalDeltaSync):
+        self.sync, self.selector, self.deltas, self.globals = sync, selector, deltas, globals
         self._undo: list[tuple[str, StoredKeys | None]] = []  # (edit id, its memory record before)
         self._local: list[tuple[str, StoredKeys | None, Any, Delta | None]] = []
 
@@ -135,12 +136,12 @@ class VisibilityChange:
                 if stored is None:
                     self.selector.remove(edit_id)
                     self.deltas.drop(edit_id)
-                    set_global_edit(self.deltas.lm, edit_id, None)
+                    set_global_edit(self.globals, edit_id, None)
                     continue
                 if delta is not None:
                     self.deltas.put(edit_id, delta)
                 self.selector.add(record if record is not None else self.sync.to_record(stored))
-                set_global_edit(self.deltas.lm, edit_id, delta if delta is not None else self.deltas.get(edit_id))
+                set_global_edit(self.globals, edit_id, delta if delta is not None else self.deltas.get(edit_id))
             self._undo, self._local = [], []
             self.sync.change_ended(self)
 
@@ -153,14 +154,19 @@ def is_global(delta: Delta | None) -> bool:
     return delta is not None and delta.meta.get("routed") == "false"
 
 
-def set_global_edit(lm: LM, edit_id: str, delta: Delta | None) -> None:
+def set_global_edit(globals: GlobalDeltaSync, edit_id: str, delta: Delta | None) -> None:
     """Make a global edit's delta part of every forward pass (``delta`` None or routed: take it off)."""
-    lm.set_global(GLOBAL_PREFIX + edit_id, delta if is_global(delta) else None)
+    globals.set(GLOBAL_PREFIX + edit_id, delta if is_global(delta) else None)
 
 
 class EditService:
-    def __init__(self, db: Database, lm: LM, selector, sync: MemorySync, deltas: DeltaCache, answers: AnswerService):
+    def __init__(self, db: Database, lm: LM, selector, sync: MemorySync, deltas: DeltaCache, answers: AnswerService,
+                 globals: GlobalDeltaSync):
         self.db = db
+        self.globals = globals
+        # Global edits ("routed": false) reach every replica through the global delta sync; a poll
+        # holds the visibility lock, so it never undoes a change it read before its commit.
+        globals.register(GLOBAL_PREFIX, self._active_global, lock=sync.lock)
         self.lm = lm
         self.selector = selector
         self.sync = sync
@@ -168,19 +174,20 @@ class EditService:
         self.answers = answers
         self._lock = threading.Lock()  # one change at a time in this process
 
-    def restore_global(self) -> int:
-        """At start: switch on the deltas of active global edits (``"routed": false``); returns how many."""
-        count = 0
-        with self.db.session() as s:
-            ids = [e.id for e in EditRepo(s).active_with_keys() if (e.config or {}).get("routed") is False]
-        for edit_id in ids:
-            delta = self.deltas.get(edit_id)
-            if is_global(delta):
-                set_global_edit(self.lm, edit_id, delta)
-                count += 1
-        return count
+    def _active_global(self, session) -> dict[str, Any]:
+        """The active global edits (``"routed": false``), each key with a loader of its delta."""
+        ids = [e.id for e in EditRepo(session).active_with_keys() if (e.config or {}).get("routed") is False]
+        return {GLOBAL_PREFIX + i: (lambda i=i: self._global_delta(i)) for i in ids}
+
+    def _global_delta(self, edit_id: str) -> Delta | None:
+        delta = self.deltas.get(edit_id)
+        return delta if is_global(delta) else None
 
     # -- reads ---------------------------------------------------------------------------------
+    def count_active(self) -> int:
+        with self.db.session() as s:
+            return int(EditRepo(s).count_by_status().get("active", 0))
+
     def get(self, edit_id: str) -> Edit:
         with self.db.session() as s:
             edit = EditRepo(s).get(edit_id)
@@ -408,7 +415,7 @@ class EditService:
         change.apply()
 
     def _change(self) -> VisibilityChange:
-        return VisibilityChange(self.sync, self.selector, self.deltas)
+        return VisibilityChange(self.sync, self.selector, self.deltas, self.globals)
 
     # -- revert --------------------------------------------------------------------------------
     def revert(self, edit_id: str, *, actor: str | None) -> Edit:
@@ -450,7 +457,7 @@ class EditService:
             change.apply()
             self.selector.remove(edit_id)  # also when it was superseded: never left in this mirror
             self.deltas.drop(edit_id)
-            set_global_edit(self.lm, edit_id, None)
+            set_global_edit(self.globals, edit_id, None)
             return self.get(edit_id)
 
     def reinstate(self, edit_id: str, *, actor: str | None, reason: str) -> Edit:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from sqlalchemy import update
 
+from app.errors import NotFound
 from app.store import Database, JobRepo
 from app.store.models import Job, utcnow
 
@@ -40,6 +41,14 @@ class JobRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def get(self, job_id: str) -> Job:
+        """One job (404 ``job_not_found`` when there is none)."""
+        with self.db.session() as s:
+            job = JobRepo(s).get(job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}", code="job_not_found")
+            return job
 
     def register(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler

@@ -13,7 +13,6 @@ While Redis or the database is away the mirror keeps serving as it is.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time

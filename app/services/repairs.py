@@ -10,7 +10,6 @@ takes its deltas off and reinstates those edits. Every step is an audit event.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,6 +20,7 @@ from app.knowledge import Fact, KnowledgeError
 from app.knowledge.facts import resolve
 from app.lm.engine import LM
 from app.methods.repair.config import RepairConfig
+from app.services.global_deltas import GlobalDeltaSync
 from app.services.jobs import JobInterrupted, JobRunner
 from app.store import AuditRepo, CalibrationRepo, Database, EditRepo, JobRepo, RepairRepo
 from app.store.models import Job, Repair, utcnow
@@ -36,57 +36,35 @@ def _config_error(exc: ValidationError) -> Unprocessable:
     return Unprocessable(f"config.{'.'.join(map(str, first['loc']))}: {first['msg']}", code="invalid_config")
 
 
+PREFIX = "repair:"
+
+
 class RepairService:
     JOB_KIND = "repair"
 
-    def __init__(self, db: Database, lm: LM, jobs: JobRunner, edits, answers, deltas, poll_seconds: float = 2.0):
+    def __init__(self, db: Database, lm: LM, jobs: JobRunner, edits, answers, deltas, globals: GlobalDeltaSync):
         self.db = db
         self.lm = lm
         self.jobs = jobs
         self.edits = edits
         self.answers = answers
         self.deltas = deltas
-        self.poll_seconds = poll_seconds
-        self._active: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.globals = globals
+        globals.register(PREFIX, self._active)
         jobs.register(self.JOB_KIND, self._run)
 
-    # -- lifecycle -----------------------------------------------------------------------------
-    def start(self) -> None:
-        self.sync_active()
-        self._thread = threading.Thread(target=self._poll, name="factpatch-repair-sync", daemon=True)
-        self._thread.start()
+    def _active(self, session) -> dict[str, Any]:
+        """The active repairs of active calibrations, each key with a loader of its delta."""
+        return {f"{PREFIX}{r}:{c}": (lambda r=r, c=c: self._load(r, c)) for r, c in RepairRepo(session).active_delta_keys()}
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=3)
-        with self._lock:
-            for key in self._active:
-                self.lm.set_global(key, None)
-            self._active = set()
+    def _load(self, repair_id: str, cal_id: str) -> Delta | None:
+        with self.db.session() as s:
+            data = RepairRepo(s).delta_data(repair_id, cal_id)
+        return Delta.from_bytes(data) if data else None
 
     def sync_active(self) -> None:
         """Make the engine's repair deltas equal the active repairs of active calibrations."""
-        with self.db.session() as s:
-            rows = {f"repair:{d.repair_id}:{d.calibration_id}": d.data for d in RepairRepo(s).active_deltas()}
-        with self._lock:
-            if self._stop.is_set():
-                return
-            for key in self._active - rows.keys():
-                self.lm.set_global(key, None)
-            for key in rows.keys() - self._active:
-                self.lm.set_global(key, Delta.from_bytes(rows[key]))
-            self._active = set(rows)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.sync_active()
-            except Exception as exc:  # noqa: BLE001
-                log.warning("repair sync failed: %s", type(exc).__name__)
+        self.globals.sync(PREFIX)
 
     # -- create / read / revert ----------------------------------------------------------------
     def create(self, request: dict[str, Any], *, actor: str | None) -> tuple[Repair, Job]:

@@ -129,6 +129,13 @@ class CalibrationRepo:
     def active(self) -> list[Calibration]:
         return list(self.s.scalars(select(Calibration).where(Calibration.status == "active")))
 
+    def active_ids(self) -> list[str]:
+        """Ids of the active calibrations (without loading their deltas)."""
+        return list(self.s.scalars(select(Calibration.id).where(Calibration.status == "active")))
+
+    def delta_data(self, cal_id: str) -> bytes | None:
+        return self.s.scalar(select(Calibration.delta).where(Calibration.id == cal_id))
+
 
 class RepairRepo:
     def __init__(self, session: Session):
@@ -165,6 +172,20 @@ class RepairRepo:
             .where(Repair.status == "active", Calibration.status == "active")
         )
         return list(self.s.scalars(stmt))
+
+    def active_delta_keys(self) -> list[tuple[str, str]]:
+        """(repair id, calibration id) of :meth:`active_deltas`, without loading the deltas."""
+        stmt = (
+            select(RepairDelta.repair_id, RepairDelta.calibration_id)
+            .join(Repair, Repair.id == RepairDelta.repair_id)
+            .join(Calibration, Calibration.id == RepairDelta.calibration_id)
+            .where(Repair.status == "active", Calibration.status == "active")
+        )
+        return [(r, c) for r, c in self.s.execute(stmt)]
+
+    def delta_data(self, repair_id: str, cal_id: str) -> bytes | None:
+        return self.s.scalar(select(RepairDelta.data).where(RepairDelta.repair_id == repair_id,
+                                                            RepairDelta.calibration_id == cal_id))
 
 
 class JobRepo:

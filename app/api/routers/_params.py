@@ -9,6 +9,7 @@ from fastapi import Header, Path, Query
 from app.api import errors
 from app.api.schemas import CURSOR_PATTERN, HEADER_TOKEN_PATTERN, UUID_PATTERN
 from app.errors import Unprocessable
+from app.services import pagination
 
 BEARER = [{"bearerAuth": []}]
 BEARER_OR_PUBLIC = [{"bearerAuth": []}, {}]  # answers can be public (FACTPATCH_PUBLIC_ANSWERS)
@@ -33,16 +34,9 @@ def check_cursor(cursor: str | None) -> None:
     """Refuse a cursor this service did not hand out before it reaches the database."""
     if cursor is None:
         return
-    from app.store.repos import BadCursor, decode_cursor
-
-    try:
-        if not _CURSOR.match(cursor):
-            raise BadCursor("malformed cursor")
-        _ts, ident = decode_cursor(cursor)
-        if not _UUID.match(ident):
-            raise BadCursor("malformed cursor")
-    except BadCursor as exc:
-        raise Unprocessable(str(exc), code="invalid_cursor") from None
+    if not _CURSOR.match(cursor):
+        raise Unprocessable("malformed cursor", code="invalid_cursor")
+    pagination.check_cursor(cursor, id_is_valid=lambda ident: bool(_UUID.match(ident)))
 
 
 def idempotency_header():

@@ -6,7 +6,6 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api import deps
 from app.api.schemas import HealthOut
-from app.store import EditRepo
 from app.runtime import Runtime
 
 router = APIRouter(tags=["health"])
@@ -43,8 +42,7 @@ def _training(rt: Runtime) -> dict:
 
 def _active_edits(rt: Runtime) -> int | None:
     try:
-        with rt.db.session() as s:
-            return int(EditRepo(s).count_by_status().get("active", 0))
+        return rt.edits.count_active()
     except Exception:  # noqa: BLE001 - health reports, never raises
         return None
 

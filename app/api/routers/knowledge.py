@@ -8,10 +8,8 @@ from fastapi.concurrency import run_in_threadpool
 from app.api import deps
 from app.api.routers._params import AUTH, BEARER, check_cursor, cursor_query, resource_id, responses
 from app.api.schemas import CalibrationIn, CalibrationList, CalibrationOut, DetectBatchOut, DetectIn, JobOut
-from app.errors import NotFound
 from app.runtime import Runtime
 from app.services.keys import Principal
-from app.store import JobRepo
 
 router = APIRouter(tags=["knowledge"])
 
@@ -74,11 +72,4 @@ async def revert_calibration(
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="A background job's status and progress",
             responses=responses(*AUTH, 404, 422), openapi_extra={"security": BEARER})
 async def get_job(job_id: str = resource_id("job"), rt: Runtime = Depends(deps.runtime), _=Depends(deps.reader)) -> JobOut:
-    def load():
-        with rt.db.session() as s:
-            job = JobRepo(s).get(job_id)
-            if job is None:
-                raise NotFound(f"no job {job_id}", code="job_not_found")
-            return job
-
-    return JobOut.of(await run_in_threadpool(load))
+    return JobOut.of(await run_in_threadpool(rt.jobs.get, job_id))
