@@ -511,7 +511,10 @@ class Runner:
             model_id=model_id, rows=rows, curves=curves, fu=fu, routing=routing, timing=timing, held=held_info,
             cases=[asdict(r) for m in self.modes for r in results.get(m, [])],
             base_cases=[asdict(r) for m in self.modes for r in base_results[m]],
-            elapsed_s=time.perf_counter() - t_start, extra={"edit_errors": errors},
+            elapsed_s=time.perf_counter() - t_start,
+            extra={"edit_errors": errors,
+                   # the pre-edit references of locality, so that a later run can reuse this base model
+                   "references": {m: {k: asdict(v) for k, v in refs[m].items()} for m in self.modes}},
             superseded=superseded, user_view=user_view,
         )
 
