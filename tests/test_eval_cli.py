@@ -279,3 +279,33 @@ def test_mode_both_reports_rows_per_form_with_user_view(tmp_path):
     assert "## Subset: one" in (out / "report.md").read_text()
     _usage_error(runner.invoke(standalone(), ["eval-subset", str(out), "--cases", "7-9", "--name", "x"]), "no case")
     _usage_error(runner.invoke(standalone(), ["eval-subset", str(out), "--cases", "a-b", "--name", "x"]), "range")
+
+
+def test_base_from_reuses_a_base_run_and_reports_the_same_rows(tmp_path):
+    """A pnp run that takes its base-model measurements from a `--method none` run on the same cases
+    reports the rows of a run that measured everything itself; another run's settings are refused."""
+    model_dir = _tiny_model_dir(tmp_path)
+    data_file = _cf_file(tmp_path, 6)
+    common = ["--dataset", "counterfact", "--file", str(data_file), "--n", "4", "--config", "max_steps=2",
+              "--held", "2", "--latency-probe", "0", "--mode", "both", "--fluency-n", "2", "--model", str(model_dir)]
+    outs = {name: tmp_path / name for name in ("full", "base", "reuse", "bad")}
+    res = runner.invoke(standalone(), ["eval", *common, "--method", "pnp", "--out", str(outs["full"])])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = runner.invoke(standalone(), ["eval", *common, "--method", "none", "--out", str(outs["base"])])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = runner.invoke(standalone(), ["eval", *common, "--method", "pnp", "--out", str(outs["reuse"]),
+                                       "--base-from", str(outs["base"] / "results.json")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    full = json.loads((outs["full"] / "results.json").read_text())
+    reuse = json.loads((outs["reuse"] / "results.json").read_text())
+    assert reuse["extra"]["base_from"]["file"].endswith("results.json")
+    assert "base model (completion)" not in reuse["timing"]["stages_s"]
+    assert [r["name"] for r in reuse["rows"]] == [r["name"] for r in full["rows"]]
+    for a, b in zip(full["rows"], reuse["rows"]):
+        assert a == b, a["name"]
+    assert reuse["held"]["case_ids"] == full["held"]["case_ids"]
+    # A base run of other cases is refused, and nothing is written.
+    res = runner.invoke(standalone(), ["eval", *common[:4], "--n", "3", *common[6:], "--method", "pnp",
+                                       "--out", str(outs["bad"]), "--base-from", str(outs["base"] / "results.json")])
+    assert res.exit_code == 1 and "other settings" in res.output, res.output
+    assert not (outs["bad"] / "results.json").exists()

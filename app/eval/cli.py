@@ -119,13 +119,20 @@ def eval_command(
     key: Optional[str] = typer.Option(None, "--key", envvar="FACTPATCH_EVAL_KEY", help="Admin API key for --url."),
     model: Optional[str] = typer.Option(None, "--model", help="In-process model (default: FACTPATCH_MODEL)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (in-process)."),
+    base_from: Optional[Path] = typer.Option(
+        None, "--base-from", dir_okay=False,
+        help="results.json of a run on the same cases and settings (e.g. --method none, started beside this "
+        "one) whose base-model measurements to reuse; waited for when the edits are done."),
+    threads_after_base: Optional[int] = typer.Option(
+        None, "--threads-after-base", min=1,
+        help="torch CPU threads once the --base-from run has finished (its cores are free again)."),
 ) -> None:
     """Edit N cases of a dataset and report reliability, generalization, locality and more."""
     from rich.console import Console
 
     from app.eval.datasets import DatasetError, load_dataset
     from app.eval.report import environment, print_eval, write_eval
-    from app.eval.runner import EvalConfig, Runner
+    from app.eval.runner import BaseReuseError, EvalConfig, Runner
 
     cfg_dict = parse_config(config)
     try:
@@ -135,7 +142,7 @@ def eval_command(
     cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
                      seed=seed, shuffle=shuffle, start=start, curve_every=curve_every, held=held,
                      latency_probe=latency_probe, held_min_accuracy=held_min_accuracy, mode=mode.value,
-                     fluency_n=fluency_n, subject_queries=subject_queries)
+                     fluency_n=fluency_n, subject_queries=subject_queries, base_from=base_from)
     out = out or DEFAULT_RESULTS / f"eval-{dataset.value}-{method}-n{n}-{'seq' if sequential else 'ind'}"
     console = Console(stderr=True)
     console.print(f"{ds.name}: {len(ds.cases)} usable records, {ds.skipped} skipped {dict(ds.skip_reasons) or ''}")
@@ -153,11 +160,16 @@ def eval_command(
             tasks: dict[str, Any] = {}
 
             def progress(stage: str, done: int, total: int) -> None:
+                if stage == "waiting for the base run" and done == total and threads_after_base:
+                    _threads(threads_after_base)
                 if stage not in tasks:
                     tasks[stage] = bar.add_task(stage, total=total)
                 bar.update(tasks[stage], completed=done, total=total)
 
             result = Runner(backend, cfg, progress).run(ds)
+    except BaseReuseError as exc:
+        console.print(f"[red]eval stopped: {exc}[/]")
+        raise typer.Exit(1) from None
     except (BackendError, httpx.HTTPError) as exc:
         # The service refused the run (unknown method, bad config, missing role) or is unreachable.
         console.print(f"[red]eval stopped: {exc}[/]")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -73,6 +73,12 @@ class EvalConfig(BaseModel):
         description="Seeded sample of cases for fluency, repeat rate and free-form reliability (0: all cases).")
     fluency_tokens: int = Field(default=100, ge=1, description="Greedy tokens of the long answers (fluency, repeats).")
     free_tokens: int = Field(default=64, ge=1, description="Token cap of the free-form (chat) answers.")
+    base_from: Path | None = Field(
+        default=None,
+        description="results.json of a run on the same cases and settings (e.g. `--method none`) whose "
+        "base-model measurements this run reuses instead of measuring them again; waited for (up to "
+        "`base_wait` seconds) when the edits are done, so the two can run side by side.")
+    base_wait: float = Field(default=4 * 3600.0, ge=0, description="Seconds to wait for `base_from` to appear.")
 
     def modes(self) -> list[Mode]:
         return ["completion", "chat"] if self.mode == "both" else [self.mode]  # type: ignore[list-item]
@@ -150,6 +156,15 @@ class EvalResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Settings that must be equal for base-model measurements to be reused by another run.
+BASE_KEYS = ("dataset", "n", "start", "shuffle", "seed", "held", "held_pool", "held_min_accuracy",
+             "locality_tokens", "max_answer_tokens", "subject_queries", "fluency_n", "fluency_tokens", "free_tokens")
+
+
+class BaseReuseError(RuntimeError):
+    pass
 
 
 def answer_budget(target: str, cap: int) -> int:
@@ -431,27 +446,33 @@ class Runner:
         indices = list(range(len(cases)))
 
         base_results: dict[str, list[CaseResult]] = {}
-        refs: dict[str, dict[str, Reference]] = {}
-        helds: dict[str, tuple[list[EditCase], dict[str, Any]]] = {}
-        for k, mode in enumerate(self.modes):
-            self.mode = mode
-            self.progress(f"base model ({mode})", 0, 1)
-            res = self._new_results(cases, sup, mode)
-            greedy = self.measure_greedy(cases)
-            refs[mode] = self.references(cases, greedy["loc"])
-            tf = self.measure_tf(cases, refs[mode])
-            self.fill(res, cases, tf, greedy, refs[mode])
-            self.fill_user(res, cases, self.measure_user(cases, indices), None)
-            helds[mode] = self.build_held(rest, cases)
-            base_results[mode] = res
-            self.progress(f"base model ({mode})", 1, 1)
-        self.progress("base model (free-form)", 0, 1)
-        self.fill_free(base_results[free_mode], cases, self.measure_free(cases, indices))
-        self.progress("base model (free-form)", 1, 1)
-        self.mode = self.modes[0]
+        refs: dict[str, dict[str, Reference]] = {m: {} for m in self.modes}
+        helds: dict[str, tuple[list[EditCase], dict[str, Any]]] = {m: ([], {"pool": 0, "size": 0}) for m in self.modes}
+        self._base_timing: dict[str, Any] | None = None
+        if cfg.base_from is None:
+            for k, mode in enumerate(self.modes):
+                self.mode = mode
+                self.progress(f"base model ({mode})", 0, 1)
+                res = self._new_results(cases, sup, mode)
+                greedy = self.measure_greedy(cases)
+                refs[mode] = self.references(cases, greedy["loc"])
+                tf = self.measure_tf(cases, refs[mode])
+                self.fill(res, cases, tf, greedy, refs[mode])
+                self.fill_user(res, cases, self.measure_user(cases, indices), None)
+                helds[mode] = self.build_held(rest, cases)
+                base_results[mode] = res
+                self.progress(f"base model ({mode})", 1, 1)
+            self.progress("base model (free-form)", 0, 1)
+            self.fill_free(base_results[free_mode], cases, self.measure_free(cases, indices))
+            self.progress("base model (free-form)", 1, 1)
+            self.mode = self.modes[0]
+            probe = [c.locality_prompt or c.prompt for c in cases]
+            self._base_timing = {"answer_ms_base": M.latency_summary(self.probe_latency(probe)),
+                                 "answer_batch_ms_per_query_base": M.latency_summary(self.batch_latencies)}
+        else:
+            # Measured by another run: loaded when the edits are done (see _load_base).
+            self._base_target = (cases, rest, sup, model_id, ds.sha256, base_results, refs, helds, user_view)
         probe = [c.locality_prompt or c.prompt for c in cases]
-        base_single = self.probe_latency(probe)
-        base_batch = M.latency_summary(self.batch_latencies)
 
         curves: list[dict[str, Any]] = []
         fu = routing = None
@@ -464,6 +485,8 @@ class Runner:
             else:
                 results, routing = self._independent(cases, refs, base_results)
         edited_single = self.probe_latency(probe) if editing and cfg.sequential else []
+        if cfg.base_from is not None:
+            self._load_base()  # a no-op once loaded (a sequential run loads it before its final measurement)
 
         rows: list[dict[str, Any]] = []
         superseded: dict[str, Any] = {"count": sum(1 for s_ in sup if s_ is not None), "rows": []}
@@ -489,9 +512,8 @@ class Runner:
         timing = {
             "edit_wall_ms": M.latency_summary([r.edit_ms for r in edited_first if r.edit_ms is not None]),
             "edit_fit_ms": M.latency_summary([r.fit_ms for r in edited_first if r.fit_ms is not None]),
-            "answer_ms_base": M.latency_summary(base_single),
+            **(self._base_timing or {}),
             "answer_ms_edited": M.latency_summary(edited_single),
-            "answer_batch_ms_per_query_base": base_batch,
             "answer_batch_ms_per_query_edited": M.latency_summary(self.batch_latencies),
             "stages_s": dict(self.stage_s),
         }
@@ -503,6 +525,9 @@ class Runner:
         for r in edited_first:
             if r.edit_error:
                 errors[r.edit_error] = errors.get(r.edit_error, 0) + 1
+        extra: dict[str, Any] = {"edit_errors": errors}
+        if cfg.base_from is not None:
+            extra["base_from"] = self._base_source
         return EvalResult(
             config=cfg.model_dump(mode="json"),
             dataset={"name": ds.name, "file": str(ds.path), "sha256": ds.sha256, "records": ds.total,
@@ -512,11 +537,62 @@ class Runner:
             cases=[asdict(r) for m in self.modes for r in results.get(m, [])],
             base_cases=[asdict(r) for m in self.modes for r in base_results[m]],
             elapsed_s=time.perf_counter() - t_start,
-            extra={"edit_errors": errors,
+            extra={**extra,
                    # the pre-edit references of locality, so that a later run can reuse this base model
                    "references": {m: {k: asdict(v) for k, v in refs[m].items()} for m in self.modes}},
             superseded=superseded, user_view=user_view,
         )
+
+    def _load_base(self) -> None:
+        """Fill the base-model state from ``cfg.base_from`` (waiting for the file): per-case base
+        records, locality references, held sets, fluency sample and base timing. Refuses a file made
+        on other cases, settings or model."""
+        if getattr(self, "_base_source", None) is not None:
+            return
+        import json
+
+        cases, rest, sup, model_id, sha, base_results, refs, helds, user_view = self._base_target
+        path = Path(self.cfg.base_from)
+        deadline = time.monotonic() + self.cfg.base_wait
+        self.progress("waiting for the base run", 0, 1)
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                raise BaseReuseError(f"{path} did not appear within {self.cfg.base_wait:.0f} s")
+            time.sleep(10.0)
+        self.progress("waiting for the base run", 1, 1)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        other = data.get("config", {})
+        diff = [k for k in BASE_KEYS if other.get(k, EvalConfig.model_fields[k].default) != getattr(self.cfg, k)]
+        if diff:
+            raise BaseReuseError(f"{path} was made with other settings: {', '.join(diff)}")
+        if data.get("dataset", {}).get("sha256") != sha or data.get("model_id") != model_id:
+            raise BaseReuseError(f"{path} was made on another data file or model")
+        saved_refs = (data.get("extra") or {}).get("references") or {}
+        for mode in self.modes:
+            rows = [c for c in data.get("base_cases", []) if c.get("mode") == mode]
+            if [c["case_id"] for c in rows] != [c.case_id for c in cases] or mode not in saved_refs:
+                raise BaseReuseError(f"{path} has no base records of these cases in {mode} form")
+            mine = self._new_results(cases, sup, mode)
+            for r, d in zip(mine, rows):
+                for f in fields(CaseResult):
+                    if f.name not in ("mode", "relation", "superseded_by", "case_id", "prompt", "target"):
+                        setattr(r, f.name, d.get(f.name))
+            base_results[mode] = mine
+            refs[mode].update({k: Reference(**v) for k, v in saved_refs[mode].items()})
+            held = data.get("held") or {}
+            info = (held.get("by_mode") or {}).get(mode, held)
+            by_id = {c.case_id: c for c in rest}
+            held_cases = [by_id[i] for i in info.get("case_ids", []) if i in by_id]
+            helds[mode] = (held_cases, {k: v for k, v in info.items() if k not in ("case_ids", "by_mode")})
+        ids = set((data.get("user_view") or {}).get("fluency_case_ids") or [])
+        self.fluency_idx = {i for i, c in enumerate(cases) if c.case_id in ids}
+        user_view.update(fluency_cases=len(self.fluency_idx), fluency_case_ids=sorted(ids, key=str))
+        t = data.get("timing") or {}
+        self._base_timing = {k: t[k] for k in ("answer_ms_base", "answer_batch_ms_per_query_base") if k in t}
+        env = data.get("env") or {}
+        self._base_source = {"file": str(path), "commit": (env.get("git") or {}).get("commit"),
+                             "date": env.get("date"), "elapsed_s": data.get("elapsed_s"),
+                             "stages_s": t.get("stages_s")}
 
     def _edit(self, case: EditCase, result: CaseResult) -> bool:
         """Apply one edit; a refusal (e.g. the target already holds) is recorded, not fatal."""
@@ -563,6 +639,8 @@ class Runner:
                 curves.append(self._curve_point([cases[j] for j in live], [results[first][j] for j in live],
                                                 refs[first], helds[first][0]))
         indices = list(range(len(cases)))
+        if self.cfg.base_from is not None:
+            self._load_base()
         held_acc: dict[str, float | None] = {}
         final_tf = None
         for m in self.modes:
@@ -602,6 +680,8 @@ class Runner:
         }
 
     def _independent(self, cases, refs, base_results):
+        if self.cfg.base_from is not None:
+            self._load_base()  # each edit is measured at once: the base state is needed from the start
         first = self.modes[0]
         sup = [None] * len(cases)
         results = {m: self._new_results(cases, sup, m) for m in self.modes}
