@@ -470,8 +470,14 @@ class Runner:
             self._base_timing = {"answer_ms_base": M.latency_summary(self.probe_latency(probe)),
                                  "answer_batch_ms_per_query_base": M.latency_summary(self.batch_latencies)}
         else:
-            # Measured by another run: loaded when the edits are done (see _load_base).
+            # Measured by another run: loaded when the edits are done (see _load_base); a file that is
+            # already there is checked now, so that a run with other settings stops before editing.
             self._base_target = (cases, rest, sup, model_id, ds.sha256, base_results, refs, helds, user_view)
+            if Path(cfg.base_from).is_file():
+                import json
+
+                self._check_base(json.loads(Path(cfg.base_from).read_text(encoding="utf-8")),
+                                 Path(cfg.base_from), ds.sha256, model_id)
         probe = [c.locality_prompt or c.prompt for c in cases]
 
         curves: list[dict[str, Any]] = []
@@ -543,6 +549,14 @@ class Runner:
             superseded=superseded, user_view=user_view,
         )
 
+    def _check_base(self, data: dict[str, Any], path: Path, sha: str, model_id: str) -> None:
+        other = data.get("config", {})
+        diff = [k for k in BASE_KEYS if other.get(k, EvalConfig.model_fields[k].default) != getattr(self.cfg, k)]
+        if diff:
+            raise BaseReuseError(f"{path} was made with other settings: {', '.join(diff)}")
+        if data.get("dataset", {}).get("sha256") != sha or data.get("model_id") != model_id:
+            raise BaseReuseError(f"{path} was made on another data file or model")
+
     def _load_base(self) -> None:
         """Fill the base-model state from ``cfg.base_from`` (waiting for the file): per-case base
         records, locality references, held sets, fluency sample and base timing. Refuses a file made
@@ -561,12 +575,7 @@ class Runner:
             time.sleep(10.0)
         self.progress("waiting for the base run", 1, 1)
         data = json.loads(path.read_text(encoding="utf-8"))
-        other = data.get("config", {})
-        diff = [k for k in BASE_KEYS if other.get(k, EvalConfig.model_fields[k].default) != getattr(self.cfg, k)]
-        if diff:
-            raise BaseReuseError(f"{path} was made with other settings: {', '.join(diff)}")
-        if data.get("dataset", {}).get("sha256") != sha or data.get("model_id") != model_id:
-            raise BaseReuseError(f"{path} was made on another data file or model")
+        self._check_base(data, path, sha, model_id)
         saved_refs = (data.get("extra") or {}).get("references") or {}
         for mode in self.modes:
             rows = [c for c in data.get("base_cases", []) if c.get("mode") == mode]
