@@ -176,8 +176,7 @@ class EditService:
 
     def _active_global(self, session) -> dict[str, Any]:
         """The active global edits (``"routed": false``), each key with a loader of its delta."""
-        ids = [e.id for e in EditRepo(session).active_with_keys() if (e.config or {}).get("routed") is False]
-        return {GLOBAL_PREFIX + i: (lambda i=i: self._global_delta(i)) for i in ids}
+        return {GLOBAL_PREFIX + i: (lambda i=i: self._global_delta(i)) for i in EditRepo(session).active_global_ids()}
 
     def _global_delta(self, edit_id: str) -> Delta | None:
         delta = self.deltas.get(edit_id)

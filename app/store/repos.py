@@ -101,6 +101,12 @@ class EditRepo:
         stmt = select(Edit).where(Edit.status == "active").options(selectinload(Edit.keys))
         return list(self.s.scalars(stmt))
 
+    def active_global_ids(self) -> list[str]:
+        """Ids of the active edits made with ``"routed": false`` (their delta serves every query);
+        one indexed query on the edits table, no keys or deltas loaded."""
+        stmt = select(Edit.id).where(Edit.status == "active", Edit.config["routed"].as_boolean().is_(False))
+        return list(self.s.scalars(stmt))
+
     def count_by_status(self) -> dict[str, int]:
         from sqlalchemy import func
 
