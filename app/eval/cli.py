@@ -123,9 +123,6 @@ def eval_command(
         None, "--base-from", dir_okay=False,
         help="results.json of a run on the same cases and settings (e.g. --method none, started beside this "
         "one) whose base-model measurements to reuse; waited for when the edits are done."),
-    threads_after_base: Optional[int] = typer.Option(
-        None, "--threads-after-base", min=1,
-        help="torch CPU threads once the --base-from run has finished (its cores are free again)."),
 ) -> None:
     """Edit N cases of a dataset and report reliability, generalization, locality and more."""
     from rich.console import Console
@@ -160,8 +157,6 @@ def eval_command(
             tasks: dict[str, Any] = {}
 
             def progress(stage: str, done: int, total: int) -> None:
-                if stage == "waiting for the base run" and done == total and threads_after_base:
-                    _threads(threads_after_base)
                 if stage not in tasks:
                     tasks[stage] = bar.add_task(stage, total=total)
                 bar.update(tasks[stage], completed=done, total=total)
