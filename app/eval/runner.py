@@ -22,6 +22,7 @@ target; the superseded earlier edits are reported apart, not as failures.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -183,6 +184,7 @@ class Runner:
         self._report = progress or (lambda stage, done, total: None)
         self.batch_latencies: list[float] = []  # per query, amortised over a batch
         self.stage_s: dict[str, float] = {}  # wall seconds per stage of the run
+        self._base_source: dict[str, Any] | None = None  # the --base-from run, once loaded
         self._stage_t0: dict[str, float] = {}
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -449,6 +451,7 @@ class Runner:
         refs: dict[str, dict[str, Reference]] = {m: {} for m in self.modes}
         helds: dict[str, tuple[list[EditCase], dict[str, Any]]] = {m: ([], {"pool": 0, "size": 0}) for m in self.modes}
         self._base_timing: dict[str, Any] | None = None
+        probe = [c.locality_prompt or c.prompt for c in cases]  # single-query latency, before and after edits
         if cfg.base_from is None:
             for k, mode in enumerate(self.modes):
                 self.mode = mode
@@ -466,7 +469,6 @@ class Runner:
             self.fill_free(base_results[free_mode], cases, self.measure_free(cases, indices))
             self.progress("base model (free-form)", 1, 1)
             self.mode = self.modes[0]
-            probe = [c.locality_prompt or c.prompt for c in cases]
             self._base_timing = {"answer_ms_base": M.latency_summary(self.probe_latency(probe)),
                                  "answer_batch_ms_per_query_base": M.latency_summary(self.batch_latencies)}
         else:
@@ -474,11 +476,8 @@ class Runner:
             # already there is checked now, so that a run with other settings stops before editing.
             self._base_target = (cases, rest, sup, model_id, ds.sha256, base_results, refs, helds, user_view)
             if Path(cfg.base_from).is_file():
-                import json
-
                 self._check_base(json.loads(Path(cfg.base_from).read_text(encoding="utf-8")),
                                  Path(cfg.base_from), ds.sha256, model_id)
-        probe = [c.locality_prompt or c.prompt for c in cases]
 
         curves: list[dict[str, Any]] = []
         fu = routing = None
@@ -561,10 +560,8 @@ class Runner:
         """Fill the base-model state from ``cfg.base_from`` (waiting for the file): per-case base
         records, locality references, held sets, fluency sample and base timing. Refuses a file made
         on other cases, settings or model."""
-        if getattr(self, "_base_source", None) is not None:
+        if self._base_source is not None:
             return
-        import json
-
         cases, rest, sup, model_id, sha, base_results, refs, helds, user_view = self._base_target
         path = Path(self.cfg.base_from)
         deadline = time.monotonic() + self.cfg.base_wait
