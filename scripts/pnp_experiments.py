@@ -606,6 +606,18 @@ def cmd_scope(args) -> None:
             "same": [(q, None) for q, _, _ in same],
             "same-q": [(q, None) for q, _, _ in sameq],
         }
+        if args.harness:  # the eval harness's subject-locality queries (app/eval/pararel.py)
+            from types import SimpleNamespace
+
+            from app.eval.pararel import locality_conflicts, plan_subject_queries
+
+            cases = [SimpleNamespace(case_id=str(r.get("case_id", i)), prompt=r["prompt"], subject=r["subject"],
+                                     relation=None) for i, r in enumerate(recs)]
+            cases = [SimpleNamespace(**vars(c), locality_prompt=r["locality_prompt"]) for c, r in zip(cases, recs)]
+            planned, rel_of = plan_subject_queries(cases, k=2, seed=0)
+            sets["same-h"] = [(q.prompt, None) for qs in planned for q in qs]
+            asks = locality_conflicts(cases, rel_of)  # the harness leaves these out of locality
+            sets["loc-h"] = [(r["locality_prompt"], None) for r, a in zip(recs, asks) if a is None]
         if held_groups:
             sets["same-held"] = [(q, None) for q, i, o in same
                                  if ts.group_of(o) in held_groups or ts.group_of(rels[i]) in held_groups]
@@ -624,6 +636,15 @@ def cmd_scope(args) -> None:
                 routes = sel.route_many([q for q, _ in qs])
                 ok = [(r.edit_id if r else None) == want for r, (_, want) in zip(routes, qs)]
                 rows[t][name].extend(ok)
+                if args.errors and t == args.errors_threshold:
+                    for r, (q, want), good in zip(routes, qs, ok):
+                        if not good:
+                            got = recs[int(r.edit_id)] if r else None
+                            print(f"  [{name}] {q!r} -> "
+                                  + (f"{got['prompt']!r} ({got['target_new']}, sim {r.similarity:.2f}, "
+                                     f"rel {r.relation_score if r.relation_score is not None else float('nan'):.2f})"
+                                     if got else "none")
+                                  + (f" want {recs[int(want)]['prompt']!r}" if want is not None else ""))
     names = list(rows[None])
     print("| scope threshold | " + " | ".join(f"{n} (n={len(rows[None][n])})" for n in names) + " |")
     print("|---" * (len(names) + 1) + "|")
@@ -714,6 +735,10 @@ def main() -> None:
                     default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     sc.add_argument("--no-target", dest="target", action="store_false",
                     help="key the edits without their target (records stored before targets were used)")
+    sc.add_argument("--harness", action="store_true",
+                    help="also the eval harness's subject-locality queries (set same-h)")
+    sc.add_argument("--errors", action="store_true", help="print every wrong route at --errors-threshold")
+    sc.add_argument("--errors-threshold", type=float, default=0.5)
     sc.add_argument("--examples", action="store_true", help="also route the UK prime minister examples")
     sc.add_argument("--examples-threshold", type=float, default=None)
     sc.add_argument("--threads", type=int, default=2)

@@ -41,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.eval.pararel import SYNONYM_GROUPS  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 PARAREL = DATA / "pararel" / "pararel_patterns_all.jsonl"
 TREX = DATA / "pararel" / "trex_facts.jsonl"
@@ -48,14 +50,7 @@ CF_TRAIN = DATA / "counterfact" / "counterfact_train.json"
 CF_FIT = (0, 8000)  # CounterFact train records used to fit; 8000-9999 are held out
 
 # Relations that share templates (or mean the same thing to a user) count as one relation.
-SYNONYMS = [
-    {"P176", "P178"},  # manufacturer / developer
-    {"P131", "P17", "P276", "P30"},  # located in (admin. unit / country / location / continent)
-    {"P364", "P407"},  # original language / language of work
-    {"P495", "P740"},  # country of origin / formation location
-    {"P1303", "P136"},  # "[X] plays": instrument / genre
-    {"P103", "P1412"},  # native language / languages spoken
-]
+SYNONYMS = [set(g) for g in SYNONYM_GROUPS]  # app/eval/pararel.py: the harness uses the same groups
 OFFICE = "OFFICE"  # an office and its holder, written here ("The [X] is" -> a person)
 
 # Subject type per relation: same-subject negatives and the routing measurement use relations
@@ -76,7 +71,7 @@ EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P13
 # Variants measured and not shipped (docs/scope-notes.md), switched on by --variant v2 / v3:
 # "Tell me about [X]'s ..." forms, an office's hard negatives drawn from person relations too,
 # and (v3) the office relation's pairs three times over.
-VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1}
+VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0}
 
 QUESTIONS = {
     "P101": ["What field does [X] work in?", "What is [X]'s field of work?", "What area does [X] specialize in?"],
@@ -248,6 +243,18 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         base = fill(template)
         return f"{base} {target}" if target and rng.random() >= p_no_target else base
 
+    words = lambda text: set(re.findall(r"[a-z]+", text.lower())) - {"x"}  # noqa: E731
+    templates = [(r, t, words(t)) for r in rels for t in prompts[r]]
+
+    def lexical_other(text: str, rel: str, pool: list[str]) -> str | None:
+        """A prompt template of another relation that shares most words with ``text`` ("X was
+        employed in" for "X is employed by"): the near misses a relation check must tell apart."""
+        w = words(text)
+        scored = sorted(((len(w & tw) / max(len(w | tw), 1), t) for r, t, tw in templates
+                         if groups[r] != groups.get(rel, rel) and r in pool and w & tw), reverse=True)
+        top = [t for _, t in scored[:5]]
+        return fill(rng.choice(top)) if top else None
+
     def pick_other(rel: str, hard: bool, pool: list[str]) -> str | None:
         if VARIANT["office_person"]:
             typed = sorted({r for t in types_of(rel) for r in by_type.get(t, [])})
@@ -275,6 +282,10 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
                     other = pick_other(rel, hard, pool)
                     if other:
                         out.append((e, fill(rng.choice(queries[other])), 0, "pararel"))
+                for _ in range(VARIANT["lexical"]):
+                    near = lexical_other(e, rel, pool)
+                    if near:
+                        out.append((e, near, 0, "pararel-near"))
         if out is held:  # held-out queries against trained relations' edits, and back
             for rel in held_rels:
                 for _ in range(n_pos):
@@ -310,6 +321,10 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
             other = pick_other(rel, hard, pool)
             if other:
                 out.append((e, fill(rng.choice(queries[other])), 0, "cf"))
+        for _ in range(VARIANT["lexical"]):
+            near = lexical_other(base, rel, pool)
+            if near:
+                out.append((e, near, 0, "cf-near"))
         others = [g for g in by_rel if g != groups.get(rel, rel) and (out is held or g not in holdout)]
         if others:
             j = rng.choice(by_rel[rng.choice(others)])
@@ -412,11 +427,15 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.5, help="default decision threshold stored in the head")
     ap.add_argument("--cache", default="/tmp/scope_embed_cache.npz")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variant", choices=["v1", "v2", "v3"], default="v1",
-                    help="v1: the shipped head; v2/v3: variants measured and not kept")
+    ap.add_argument("--variant", choices=["v1", "v2", "v3", "v4"], default="v1",
+                    help="v1: the shipped head; v2/v3: variants measured and not kept; v4: v1 + near-miss "
+                         "negatives (templates of other relations sharing most words)")
+    ap.add_argument("--lexical", type=int, default=2, help="v4: near-miss negatives per positive")
     args = ap.parse_args()
     if args.variant in ("v2", "v3"):
         VARIANT.update(tell_about=True, office_person=True, office_weight=3 if args.variant == "v3" else 1)
+    if args.variant == "v4":
+        VARIANT.update(lexical=args.lexical)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)

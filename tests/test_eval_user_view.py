@@ -78,14 +78,51 @@ def test_relation_of_counterfact_prompt_and_queries_of_other_relations():
     assert len(others) > 1  # different cases draw different relations
 
 
-def test_place_subject_gets_place_relations_and_unknown_gets_default():
+def test_place_subject_gets_place_relations_and_unknown_relation_gets_no_query():
     qs = P.subject_queries("1", "Wellington", ("P190",), k=3, seed=1)
     assert qs and all(P.RELATION_TYPE.get(q.relation) == "place" or q.relation in P.EXTRA_TYPE_RELATIONS["place"]
                       for q in qs)
-    default = P.subject_queries("1", "WEFS", (), k=2, seed=1)
-    assert {q.relation for q in default} <= set(P.DEFAULT_RELATIONS)
-    assert len({q.prompt for q in default}) == len(default)  # no duplicate prompt
+    assert len({q.prompt for q in qs}) == len(qs)  # no duplicate prompt
+    # With the edited relation unknown ("WEFS, in" -> Brazil), "WEFS is located in" could be that very
+    # fact: no question is asked rather than a wrong one.
+    assert P.subject_queries("1", "WEFS", (), k=2, seed=1) == []
     assert P.subject_queries("1", None, ("P19",)) == []
+
+
+def test_synonyms_of_the_edited_relation_are_not_other_relations():
+    # An edit of a country (P17) is not tested with "located in" (P131), "continent" (P30) ...
+    for seed in range(10):
+        for q in P.subject_queries(str(seed), "Bose Institute", ("P17",), k=10, seed=seed):
+            assert P.group_of(q.relation) != P.group_of("P17")
+    # ... nor a developer edit with "is produced by" (manufacturer), nor spoken language with native language.
+    assert P.same_relation(("P178",), ("P176",)) and P.same_relation(("P1412",), ("P103",))
+    assert not P.same_relation(("P19",), ("P20",))
+    _, pool = P.candidate_relations(("P178",))
+    assert "P176" not in pool and "P127" in pool
+    cases = [EditCase("0", "GarageBand was created by", "Yahoo", "GarageBand"),
+             EditCase("1", "GarageBand is owned by", "Sony", "GarageBand")]
+    queries, rels = P.plan_subject_queries(cases, k=20, seed=0)
+    for qs in queries:
+        assert qs and {P.group_of(q.relation) for q in qs}.isdisjoint({P.group_of(r) for rs in rels for r in rs})
+
+
+def test_locality_prompt_that_asks_another_edits_fact_is_found():
+    cases = [EditCase("0", "The twin city of Sofia is", "Budapest", "Sofia", locality_prompt="The twin city of Moscow is"),
+             EditCase("1", "What is the twin city of Moscow? It is", "Birmingham", "Moscow",
+                      locality_prompt="Rome is a twin city of"),
+             EditCase("2", "Danielle Darrieux was born in", "Rome", "Danielle Darrieux",
+                      locality_prompt="Sofia was born in"),  # names Sofia, another relation: a locality test
+             EditCase("3", "PostScript, developed by", "Microsoft", "PostScript",
+                      locality_prompt="PostScript, developed by")]  # word for word an edit's prompt
+    rels = [P.find_relations(c.prompt, c.subject) for c in cases]
+    found = P.locality_conflicts(cases, rels)
+    assert found[0] == 1  # "The twin city of Moscow is" asks edit 1's fact
+    assert found[1] is None and found[2] is None
+    assert found[3] is None  # its own prompt is not "another" edit
+    cases[2] = EditCase("2", "PostScript, developed by", "Apple", "PostScript")
+    cases.append(EditCase("4", "Tokyo is a twin city of", "Lima", "Tokyo", locality_prompt="PostScript, developed by"))
+    rels = [P.find_relations(c.prompt, c.subject) for c in cases]
+    assert P.locality_conflicts(cases, rels)[4] in (2, 3)
 
 
 def test_plan_excludes_relations_edited_for_the_same_subject():
@@ -202,3 +239,22 @@ def test_user_view_metrics_on_stub_and_both_modes(tmp_path):
     assert edited["rel_free"]["n"] == 0
     assert res.user_view["fluency_cases"] == 3 and res.user_view["subject_relation_found"] == 4
     assert len(res.cases) == 8 and {c["mode"] for c in res.cases} == {"completion", "chat"}
+
+
+def test_locality_prompt_asking_another_edits_fact_is_left_out_of_locality(tmp_path):
+    # Case 0's locality prompt asks case 1's edited fact: the stub (like the service) answers it with
+    # case 1's target. That is the edit working, not a locality failure.
+    cases = [EditCase("0", "The mother tongue of Ann Lee is", "French", "Ann Lee", None, "Ann Lee speaks",
+                      locality_prompt="The mother tongue of Bo Chen is"),
+             EditCase("1", "The mother tongue of Bo Chen is", "Dutch", "Bo Chen", None, "Bo Chen speaks",
+                      locality_prompt="Zed Quill was born in")]
+    res = _run(tmp_path, cases, _Stub(), n=2, fluency_n=0)
+    edited = res.rows[1]
+    assert res.user_view["locality_asks_another_edit"] == 1 and edited["locality_asks_another_edit"] == 1
+    assert edited["loc_em"]["n"] == 1 and edited["loc_em"]["mean"] == 1.0
+    asks = {c["case_id"]: c["loc_asks"] for c in res.cases}
+    assert asks == {"0": "1", "1": None}
+    assert [c["loc_after"] for c in res.cases if c["case_id"] == "0"][0].startswith("Dutch")  # still recorded
+    # Independent runs apply one edit at a time: the same prompt is then a locality test.
+    ind = _run(tmp_path / "ind", cases, _Stub(), n=2, fluency_n=0, sequential=False)
+    assert ind.rows[1]["loc_em"]["n"] == 2 and ind.user_view["locality_asks_another_edit"] == 0

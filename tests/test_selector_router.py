@@ -297,6 +297,20 @@ def test_mask_subject_keeps_the_rest_of_the_text():
     assert edit_relation_texts(["Toko Yasuda, the"], "Toko Yasuda", "piano") == ["X, the piano"]
 
 
+def test_relation_text_starts_at_the_sentence_that_names_the_subject():
+    from app.selector.scope import edit_relation_texts, query_relation_text
+
+    # Context before the question says nothing about the relation asked.
+    assert query_relation_text("The game got good reviews. CBeebies is owned by", "CBeebies") == "X is owned by"
+    assert query_relation_text('"If only mum could see." Dacia is from', "Dacia") == "X is from"
+    assert query_relation_text("Reception\nThe U.K. prime minister is", "U.K. prime minister") == "The X is"
+    # A sentence end after the first mention, or none at all, keeps the whole text.
+    assert query_relation_text("Who is the UK prime minister? Tell me.", "UK prime minister") == "Who is the X? Tell me."
+    assert query_relation_text("In 2024 the UK prime minister was", "UK prime minister") == "In 2024 the X was"
+    assert query_relation_text("Nothing here. Really.", "Paris") == "Nothing here. Really."
+    assert edit_relation_texts(["Some context. Toko Yasuda, the"], "Toko Yasuda", "piano") == ["X, the piano"]
+
+
 def test_keys_for_fills_relation_keys_only_with_a_subject_and_checks_scope():
     sel = make()
     rec = sel.keys_for("The capital city of France is", ["France's capital is"], "France", target="Paris")

@@ -13,12 +13,18 @@ How a case's queries are chosen (deterministic: seeded by the run's seed and the
    relation; else the relation whose templates (and LAMA label) share most content words with the
    masked prompt (this is how zsRE questions, which are not ParaRel sentences, get a relation);
    with no shared content word at all the relation stays unknown.
+   A case whose relation stays unknown gets no query (there is no "other" relation to ask).
 2. The subject's type from :data:`RELATION_TYPE` (person, place, organisation, work, product,
-   concept). An unknown relation gives the type-agnostic default :data:`DEFAULT_RELATIONS`
-   (relations any named thing can have: location, country, part of, named after).
-3. ``k`` other relations of that type, excluding every relation edited for this subject in the
-   run, each with one of its templates that ends in ``[Y]``; the query is the template up to
-   ``[Y]`` with the subject in place of ``[X]`` ("Danielle Darrieux was born in").
+   concept).
+3. ``k`` other relations of that type, excluding the case's relation, every relation edited for
+   this subject in the run, and their synonyms (:data:`SYNONYM_GROUPS`: manufacturer and
+   developer, the located-in relations, ...; the issue's "synonyms count as the same relation"),
+   each with one of its templates that ends in ``[Y]``; the query is the template up to ``[Y]``
+   with the subject in place of ``[X]`` ("Danielle Darrieux was born in").
+
+:func:`locality_conflicts` finds the dataset's locality prompts that ask a fact another edit of
+the run changes on purpose (CounterFact's "The twin city of Sofia is" beside an edit of that very
+prompt): they are not locality tests, and the harness leaves them out of locality.
 """
 
 from __future__ import annotations
@@ -62,6 +68,17 @@ EXTRA_TYPE_RELATIONS: dict[str, tuple[str, ...]] = {
     "concept": ("P495",),
 }
 DEFAULT_RELATIONS: tuple[str, ...] = ("P276", "P17", "P361", "P138")
+# Relations that share templates, or mean the same thing to a user, count as one relation: a
+# question of one of them is not a question about "another relation" of a subject whose other
+# member was edited (the scope head is trained with the same groups, scripts/train_scope.py).
+SYNONYM_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"P176", "P178"}),  # manufacturer / developer
+    frozenset({"P131", "P17", "P276", "P30"}),  # located in (admin. unit / country / location / continent)
+    frozenset({"P364", "P407"}),  # original language / language of work
+    frozenset({"P495", "P740"}),  # country of origin / formation location
+    frozenset({"P1303", "P136"}),  # "[X] plays": instrument / genre
+    frozenset({"P103", "P1412"}),  # native language / languages spoken
+)
 
 _STOP = {"the", "a", "an", "of", "is", "was", "in", "to", "and", "by", "for", "on", "at", "as", "with", "which",
          "who", "what", "that", "x", "y", "did", "does", "do", "it", "its", "has", "have", "had", "be", "been",
@@ -170,17 +187,32 @@ def subject_type(relations_: Sequence[str]) -> str | None:
     return max(kinds, key=kinds.count) if kinds else None
 
 
+def group_of(relation: str) -> str:
+    """The relation's synonym group ("P131+P17+P276+P30"), or the relation itself."""
+    for group in SYNONYM_GROUPS:
+        if relation in group:
+            return "+".join(sorted(group))
+    return relation
+
+
+def same_relation(a: Iterable[str], b: Iterable[str]) -> bool:
+    """Whether two sets of candidate relations share one (synonyms count as the same)."""
+    return bool({group_of(r) for r in a} & {group_of(r) for r in b})
+
+
 def candidate_relations(case_relations: Sequence[str]) -> tuple[str | None, list[str]]:
-    """(subject type, relations of that type other than the case's own) that have a prompt."""
+    """(subject type, relations of that type other than the case's own and their synonyms) that
+    have a prompt."""
     rels = relations()
     kind = subject_type(case_relations)
     if kind is None:
         pool = list(DEFAULT_RELATIONS)
     else:
         pool = [r for r, t in RELATION_TYPE.items() if t == kind] + list(EXTRA_TYPE_RELATIONS.get(kind, ()))
+    own = {group_of(r) for r in case_relations}
     seen: list[str] = []
     for r in pool:
-        if r not in case_relations and r not in seen and r in rels and rels[r].prompts:
+        if group_of(r) not in own and r not in seen and r in rels and rels[r].prompts:
             seen.append(r)
     return kind, sorted(seen, key=lambda r: (int(r[1:]) if r[1:].isdigit() else 0, r))
 
@@ -199,12 +231,16 @@ class SubjectQuery:
 
 def subject_queries(case_id: str, subject: str | None, case_relations: Sequence[str] = (), *, k: int = 2,
                     seed: int = 0, exclude: Iterable[str] = ()) -> list[SubjectQuery]:
-    """``k`` questions about ``subject`` of other relations fitting its type (seeded per case)."""
-    if not subject or not subject.strip() or k <= 0:
+    """``k`` questions about ``subject`` of other relations fitting its type (seeded per case).
+
+    None when the case's relation is unknown: a question is about "another relation" only when
+    the edited one is known (asking "X is located in" of an edit "X, in" -> "Brazil" would test
+    the edit's own fact)."""
+    if not subject or not subject.strip() or k <= 0 or not case_relations:
         return []
     _, pool = candidate_relations(tuple(case_relations))
-    skip = set(exclude)
-    pool = [r for r in pool if r not in skip]
+    skip = {group_of(r) for r in exclude}
+    pool = [r for r in pool if group_of(r) not in skip]
     rng = random.Random(f"{seed}:{case_id}")
     rels = relations()
     out: list[SubjectQuery] = []
@@ -233,3 +269,48 @@ def plan_subject_queries(cases: Sequence, *, k: int = 2, seed: int = 0
                                exclude=edited.get((c.subject or "").strip().lower(), ()))
                for c, r in zip(cases, rel_of)]
     return queries, rel_of
+
+
+def _word_ngrams(text: str, longest: int) -> set[str]:
+    from app.selector.router import word_forms, normalise_words
+
+    words = normalise_words(text).split()
+    out: set[str] = set()
+    for i in range(len(words)):
+        for j in range(i + 1, min(len(words), i + longest) + 1):
+            out.update(word_forms(" ".join(words[i:j])))
+    return out
+
+
+def locality_conflicts(cases: Sequence, relations_of: Sequence[tuple[str, ...]]) -> list[int | None]:
+    """Per case, the index of another case of the run whose fact its locality prompt asks, or None.
+
+    A locality prompt asks another edit's fact when it names that edit's subject (the selector's
+    naming rule: whole words, case and accents aside) and either asks the same relation
+    (:func:`same_relation` of :func:`find_relations` of both, synonyms included) or reads the
+    same once the subject is masked. Such a prompt *should* reach that edit."""
+    from app.selector.router import normalise_words
+
+    by_subject: dict[str, list[int]] = {}
+    for j, c in enumerate(cases):
+        if c.subject and normalise_words(c.subject):
+            by_subject.setdefault(normalise_words(c.subject), []).append(j)
+    longest = max((len(s.split()) for s in by_subject), default=0)
+    out: list[int | None] = [None] * len(cases)
+    for i, c in enumerate(cases):
+        if not c.locality_prompt or not longest:
+            continue
+        for gram in sorted(_word_ngrams(c.locality_prompt, longest)):
+            for j in by_subject.get(gram, ()):
+                if j == i:
+                    continue
+                other = cases[j]
+                asked = find_relations(c.locality_prompt, other.subject)
+                same_text = _norm(mask_subject(c.locality_prompt, other.subject)) == _norm(
+                    mask_subject(other.prompt, other.subject))
+                if same_text or (asked and relations_of[j] and same_relation(asked, relations_of[j])):
+                    out[i] = j
+                    break
+            if out[i] is not None:
+                break
+    return out

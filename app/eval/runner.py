@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from app.eval import metrics as M
 from app.eval.backends import AnswerOutcome, Backend, BackendError, Mode, ScoreOutcome
 from app.eval.datasets import Dataset, EditCase, load_dataset, select, supersede_plan
-from app.eval.pararel import SubjectQuery, plan_subject_queries
+from app.eval.pararel import SubjectQuery, locality_conflicts, plan_subject_queries
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 BASE_METHOD = "none"  # no edits: only the base model's row
@@ -103,6 +103,9 @@ class CaseResult:
     gen_em: bool | None = None
     loc_tf: float | None = None
     loc_em: bool | None = None
+    # case id of another edit of the run whose fact the locality prompt asks (sequential runs):
+    # the prompt should reach that edit, so it is left out of locality and routing false positives
+    loc_asks: str | None = None
     rel_answer: str | None = None
     gen_answer: str | None = None
     loc_before: str | None = None
@@ -347,10 +350,12 @@ class Runner:
         return out
 
     def fill_user(self, results: Sequence[CaseResult], cases: Sequence[EditCase], user: Sequence[dict[str, Any]],
-                  before: Sequence[CaseResult] | None) -> None:
+                  before: Sequence[CaseResult] | None, indices: Sequence[int] | None = None) -> None:
         """Per-case user-view numbers; ``before``: the same cases' pre-edit records (None: this is it)."""
         for j, (r, c, u) in enumerate(zip(results, cases, user)):
             if u["subj"]:
+                if indices is not None:
+                    r.subj_queries = [q.prompt for q in self.subj[indices[j]]]
                 r.subj_after = [a.answer for a in u["subj"]]
                 r.subj_routed = [a.edit_id for a in u["subj"]]
                 r.subj_before = before[j].subj_after if before is not None else r.subj_after
@@ -376,6 +381,8 @@ class Runner:
         size = len(pool) if cfg.fluency_n == 0 else min(cfg.fluency_n, len(pool))
         self.fluency_idx = set(random.Random(cfg.seed).sample(pool, size))
         self._relations = ["|".join(r) or None for r in rel_of]
+        asks = locality_conflicts(cases, rel_of) if cfg.sequential else [None] * len(cases)
+        self._loc_asks = [cases[j].case_id if j is not None else None for j in asks]
         return {
             "modes": list(self.modes),
             "subject_queries_per_case": cfg.subject_queries,
@@ -383,6 +390,7 @@ class Runner:
             "subject_relation_ambiguous": sum(1 for r in rel_of if len(r) > 1),
             "subject_relation_unknown": sum(1 for r in rel_of if not r),
             "subject_queries_total": sum(len(q) for q in self.subj),
+            "locality_asks_another_edit": sum(1 for a in self._loc_asks if a is not None),
             "fluency_cases": size,
             "fluency_of": len(pool),
             "fluency_case_ids": sorted((cases[i].case_id for i in self.fluency_idx), key=str),
@@ -393,7 +401,8 @@ class Runner:
 
     def _new_results(self, cases: Sequence[EditCase], sup: Sequence[int | None], mode: Mode) -> list[CaseResult]:
         rels = getattr(self, "_relations", [None] * len(cases))
-        return [CaseResult(c.case_id, c.prompt, c.target, mode=mode, relation=rels[i],
+        asks = getattr(self, "_loc_asks", [None] * len(cases))
+        return [CaseResult(c.case_id, c.prompt, c.target, mode=mode, relation=rels[i], loc_asks=asks[i],
                            superseded_by=cases[sup[i]].case_id if sup[i] is not None else None)
                 for i, c in enumerate(cases)]
 
@@ -404,8 +413,11 @@ class Runner:
         seed, nb = self.cfg.seed, self.cfg.n_boot
         summ = lambda values: M.summarize(values, seed=seed, n_boot=nb).as_dict()  # noqa: E731
         row: dict[str, Any] = {"name": name, "n": len(results)}
-        for attr in ("rel_tf", "rel_em", "gen_tf", "gen_em", "loc_tf", "loc_em"):
+        for attr in ("rel_tf", "rel_em", "gen_tf", "gen_em"):
             row[attr] = summ([getattr(r, attr) for r in results])
+        for attr in ("loc_tf", "loc_em"):  # a locality prompt that asks another edit's fact is no locality test
+            row[attr] = summ([getattr(r, attr) for r in results if r.loc_asks is None])
+        row["locality_asks_another_edit"] = sum(1 for r in results if r.loc_asks is not None)
         row["subject_locality"] = summ([r.subj_loc for r in results])
         row["subject_locality_routed"] = sum(1 for r in results for e in (r.subj_routed or []) if e is not None)
         row["subject_locality_queries"] = sum(len(r.subj_routed or []) for r in results)
@@ -461,7 +473,7 @@ class Runner:
                 refs[mode] = self.references(cases, greedy["loc"])
                 tf = self.measure_tf(cases, refs[mode])
                 self.fill(res, cases, tf, greedy, refs[mode])
-                self.fill_user(res, cases, self.measure_user(cases, indices), None)
+                self.fill_user(res, cases, self.measure_user(cases, indices), None, indices)
                 helds[mode] = self.build_held(rest, cases)
                 base_results[mode] = res
                 self.progress(f"base model ({mode})", 1, 1)
@@ -579,9 +591,14 @@ class Runner:
             if [c["case_id"] for c in rows] != [c.case_id for c in cases] or mode not in saved_refs:
                 raise BaseReuseError(f"{path} has no base records of these cases in {mode} form")
             mine = self._new_results(cases, sup, mode)
+            for i, d in enumerate(rows):  # the subject questions must be the ones this run asks
+                asked = d.get("subj_queries")
+                plan = [q.prompt for q in self.subj[i]]
+                if (asked is not None and asked != plan) or (asked is None and len(d.get("subj_after") or []) != len(plan)):
+                    raise BaseReuseError(f"{path} asked other subject-locality questions (case {d['case_id']})")
             for r, d in zip(mine, rows):
                 for f in fields(CaseResult):
-                    if f.name not in ("mode", "relation", "superseded_by", "case_id", "prompt", "target"):
+                    if f.name not in ("mode", "relation", "superseded_by", "case_id", "prompt", "target", "loc_asks"):
                         setattr(r, f.name, d.get(f.name))
             base_results[mode] = mine
             refs[mode].update({k: Reference(**v) for k, v in saved_refs[mode].items()})
@@ -620,7 +637,8 @@ class Runner:
         tf = self.measure_tf(cases, refs[mode])
         greedy = self.measure_greedy(cases)
         self.fill(results, cases, tf, greedy, refs[mode])
-        self.fill_user(results, cases, self.measure_user(cases, indices), [base_results[mode][i] for i in indices])
+        self.fill_user(results, cases, self.measure_user(cases, indices), [base_results[mode][i] for i in indices],
+                       indices)
         return tf
 
     def _sequential(self, cases, refs, helds, sup, base_results):
@@ -679,7 +697,7 @@ class Runner:
             "edits": len(cases),
             "rel_tf": M.mean_or_none(tf["rel"]),
             "gen_tf": M.mean_or_none(tf["gen"]),
-            "loc_tf": M.mean_or_none(tf["loc"]),
+            "loc_tf": M.mean_or_none([v for v, r in zip(tf["loc"], results) if r.loc_asks is None]),
             "rel_all_correct": M.mean_or_none(final_ok),
             "held_accuracy": held_acc,
             "fu_ratio": fu.ratio,
@@ -720,7 +738,7 @@ class Runner:
             in_scope.append((r.edit_id, r.routed_prompt))
             if r.gen_answer is not None:
                 in_scope.append((r.edit_id, r.routed_paraphrase))
-            if r.loc_after is not None:
+            if r.loc_after is not None and r.loc_asks is None:
                 out_scope.append(r.routed_locality)
         return M.routing_confusion(in_scope, out_scope).as_dict()
 

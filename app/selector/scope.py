@@ -77,12 +77,31 @@ def mask_subject(text: str, subject: str | None, placeholder: str = PLACEHOLDER)
     return "".join(out)
 
 
+# The end of a sentence or line: ".", "!" or "?" (closing quotes or brackets allowed) then space, or a newline.
+_SENTENCE_END = re.compile(r"""[.!?]["'\u201d\u2019)\]]*\s+|\n+""")
+
+
+def subject_sentence(masked: str, placeholder: str = PLACEHOLDER) -> str:
+    """The part of a masked text from the start of the sentence that first names the subject.
+
+    What a query asks about its subject is in that sentence; context written before it ("The
+    game received good reviews. X is owned by") says nothing about the relation and only blurs
+    the check. A text without the placeholder comes back whole."""
+    first = re.search(rf"(?<![0-9A-Za-z]){re.escape(placeholder)}(?![0-9A-Za-z])", masked)
+    if first is None:
+        return masked
+    start = 0
+    for m in _SENTENCE_END.finditer(masked, 0, first.start()):
+        start = m.end()
+    return masked[start:]
+
+
 def edit_relation_texts(texts: list[str], subject: str, target: str | None = None) -> list[str]:
-    """The edit side of the relation check: each text with the subject masked, the target
-    appended when known ("Toko Yasuda, the" + "piano" -> "X, the piano")."""
+    """The edit side of the relation check: each text with the subject masked (from the sentence
+    that names it), the target appended when known ("Toko Yasuda, the" + "piano" -> "X, the piano")."""
     out = []
     for t in texts:
-        m = mask_subject(t, subject).strip()
+        m = subject_sentence(mask_subject(t, subject)).strip()
         if target and target.strip():
             m = f"{m} {target.strip()}"
         if m not in out:
@@ -91,8 +110,9 @@ def edit_relation_texts(texts: list[str], subject: str, target: str | None = Non
 
 
 def query_relation_text(query: str, subject: str) -> str:
-    """The query side: the query with the candidate edit's subject masked."""
-    return mask_subject(query, subject).strip()
+    """The query side: the query with the candidate edit's subject masked, from the sentence
+    that names it."""
+    return subject_sentence(mask_subject(query, subject)).strip()
 
 
 def pair_features(u: np.ndarray, v: np.ndarray) -> np.ndarray:
