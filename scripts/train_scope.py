@@ -71,7 +71,7 @@ EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P13
 # Variants measured and not shipped (docs/scope-notes.md), switched on by --variant v2 / v3:
 # "Tell me about [X]'s ..." forms, an office's hard negatives drawn from person relations too,
 # and (v3) the office relation's pairs three times over.
-VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0}
+VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0, "sentence": False}
 
 QUESTIONS = {
     "P101": ["What field does [X] work in?", "What is [X]'s field of work?", "What area does [X] specialize in?"],
@@ -227,6 +227,13 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
     left out) and, when ``holdout`` is given, for the held-out measurement."""
     from app.selector.scope import mask_subject
 
+    from app.selector.scope import query_relation_text
+
+    def relation_text(text: str, subject: str) -> str:
+        """The subject masked; with --sentence, only the sentence that names it, as the selector
+        reads a query (measured and not kept: the head trained on whole texts routes better)."""
+        return query_relation_text(text, subject) if VARIANT["sentence"] else mask_subject(text, subject).strip()
+
     rng = random.Random(seed)
     prompts, queries, facts = pararel_prompts(), query_forms(), trex_facts()
     persons = [s for s, _ in facts.get("P19", [])]
@@ -309,9 +316,9 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         if out is held and not holdout:
             continue
         subj = r["subject"]
-        base = mask_subject(r["prompt"], subj).strip()
+        base = relation_text(r["prompt"], subj)
         e = f"{base} {r['target_new']}" if rng.random() >= p_no_target else base
-        out.append((e, mask_subject(r["rephrase_prompt"], subj).strip(), 1, "cf"))
+        out.append((e, relation_text(r["rephrase_prompt"], subj), 1, "cf"))
         if rng.random() < 0.3:
             out.append((e, base, 1, "cf"))
         if rel is None:
@@ -328,7 +335,7 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         others = [g for g in by_rel if g != groups.get(rel, rel) and (out is held or g not in holdout)]
         if others:
             j = rng.choice(by_rel[rng.choice(others)])
-            out.append((e, mask_subject(cf[j]["rephrase_prompt"], cf[j]["subject"]).strip(), 0, "cf"))
+            out.append((e, relation_text(cf[j]["rephrase_prompt"], cf[j]["subject"]), 0, "cf"))
     return train, held
 
 
@@ -431,9 +438,12 @@ def main() -> None:
                     help="v1: the shipped head; v2/v3: variants measured and not kept; v4: v1 + near-miss "
                          "negatives (templates of other relations sharing most words)")
     ap.add_argument("--lexical", type=int, default=2, help="v4: near-miss negatives per positive")
+    ap.add_argument("--sentence", action="store_true",
+                    help="CounterFact texts cut to the sentence naming the subject (measured, not kept)")
     args = ap.parse_args()
     if args.variant in ("v2", "v3"):
         VARIANT.update(tell_about=True, office_person=True, office_weight=3 if args.variant == "v3" else 1)
+    VARIANT["sentence"] = args.sentence
     if args.variant == "v4":
         VARIANT.update(lexical=args.lexical)
     torch.set_num_threads(args.threads)
@@ -447,7 +457,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = train_head(x, y, args.hidden, args.epochs, args.seed)
     print(f"trained in {time.perf_counter() - t0:.0f}s")
-    meta = {"variant": args.variant, "encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
+    meta = {"variant": args.variant, "sentence": "1" if args.sentence else "0", "encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
             "hidden": str(args.hidden), "seed": str(args.seed), "epochs": str(args.epochs),
             "cf_train_records": f"{CF_FIT[0]}-{CF_FIT[1] - 1}",
             "holdout": ",".join(sorted(holdout)),
