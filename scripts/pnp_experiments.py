@@ -670,6 +670,57 @@ def cmd_scope(args) -> None:
         print(f"  scope=subject: 'The UK prime minister was born in' -> {r.edit_id if r else None}")
 
 
+def cmd_rescore(args) -> None:
+    """A stored sequential eval run counted again with today's subject-question and locality rules
+    (app/eval/pararel.py), from its stored answers: the questions it asked are rebuilt with the
+    planner of the commit that ran it; a question is kept when the case's relation is known and
+    the question's relation is not a synonym of it; a locality prompt is kept when it asks no
+    other edit's fact. Nothing is generated again."""
+    import subprocess
+    import types
+
+    from app.eval import pararel as P
+    from app.eval.datasets import load_dataset, select
+    from app.eval.metrics import generation_agrees
+
+    run = Path(args.run)
+    data = json.loads((run / "results.json").read_text())
+    cfg = data["config"]
+    src = subprocess.run(["git", "show", f"{args.planned_at}:app/eval/pararel.py"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    old = types.ModuleType("pararel_then")
+    old.__file__ = P.__file__
+    sys.modules[old.__name__] = old  # dataclasses look their module up
+    exec(compile(src, P.__file__, "exec"), old.__dict__)
+    ds = load_dataset(cfg["dataset"], cfg["file"])
+    cases, _ = select(ds.cases[cfg.get("start", 0):], cfg["n"], shuffle=cfg.get("shuffle", False), seed=cfg["seed"])
+    asked, rel_of = old.plan_subject_queries(cases, k=cfg["subject_queries"], seed=cfg["seed"])
+    asks = P.locality_conflicts(cases, rel_of)
+    index = {c.case_id: i for i, c in enumerate(cases)}
+    print(f"{run}: {sum(a is not None for a in asks)} locality prompts ask another edit's fact; "
+          f"{sum(1 for r in rel_of if not r)} cases of unknown relation")
+    print("| form | locality then | locality now | subject locality then (routed) | now (routed) |")
+    print("|---|---|---|---|---|")
+    for mode in dict.fromkeys(c["mode"] for c in data["cases"]):
+        rows = [c for c in data["cases"] if c["mode"] == mode and c["superseded_by"] is None]
+        loc_then = [r["loc_em"] for r in rows if r["loc_em"] is not None]
+        loc_now = [r["loc_em"] for r in rows if r["loc_em"] is not None and asks[index[r["case_id"]]] is None]
+        then, now = [], []
+        for r in rows:
+            i = index[r["case_id"]]
+            if not r["subj_after"]:
+                continue
+            if len(asked[i]) != len(r["subj_after"]):
+                raise SystemExit(f"case {r['case_id']}: the rebuilt questions do not match the stored answers")
+            for q, b, a, e in zip(asked[i], r["subj_before"], r["subj_after"], r["subj_routed"]):
+                then.append((generation_agrees(b, a), e is not None))
+                if rel_of[i] and not P.same_relation((q.relation,), rel_of[i]):
+                    now.append((generation_agrees(b, a), e is not None))
+        mean = lambda xs: f"{sum(xs) / len(xs):.3f} (n={len(xs)})"  # noqa: E731
+        print(f"| {mode} | {mean(loc_then)} | {mean(loc_now)} | {mean([s for s, _ in then])} "
+              f"({sum(r for _, r in then)}) | {mean([s for s, _ in now])} ({sum(r for _, r in now)}) |")
+
+
 def collections_default():
     import collections
 
@@ -743,6 +794,10 @@ def main() -> None:
     sc.add_argument("--examples-threshold", type=float, default=None)
     sc.add_argument("--threads", type=int, default=2)
     sc.set_defaults(func=cmd_scope)
+    rs = sub.add_parser("rescore", help="a stored eval run counted with today's subject and locality rules")
+    rs.add_argument("run", help="the run's folder (results.json)")
+    rs.add_argument("--planned-at", required=True, help="the commit the run was made at")
+    rs.set_defaults(func=cmd_rescore)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "scripts"))
     args.func(args)
