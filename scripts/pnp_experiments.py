@@ -694,7 +694,8 @@ def cmd_rescore(args) -> None:
     exec(compile(src, P.__file__, "exec"), old.__dict__)
     ds = load_dataset(cfg["dataset"], cfg["file"])
     cases, _ = select(ds.cases[cfg.get("start", 0):], cfg["n"], shuffle=cfg.get("shuffle", False), seed=cfg["seed"])
-    asked, rel_of = old.plan_subject_queries(cases, k=cfg["subject_queries"], seed=cfg["seed"])
+    asked, _ = old.plan_subject_queries(cases, k=cfg["subject_queries"], seed=cfg["seed"])
+    _, rel_of = P.plan_subject_queries(cases, k=cfg["subject_queries"], seed=cfg["seed"])  # relations found today
     asks = P.locality_conflicts(cases, rel_of)
     index = {c.case_id: i for i, c in enumerate(cases)}
     print(f"{run}: {sum(a is not None for a in asks)} locality prompts ask another edit's fact; "

@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.eval.pararel import SYNONYM_GROUPS  # noqa: E402
+from app.eval.pararel import RELATION_QUESTIONS, SYNONYM_GROUPS  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 PARAREL = DATA / "pararel" / "pararel_patterns_all.jsonl"
@@ -73,46 +73,7 @@ EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P13
 # and (v3) the office relation's pairs three times over.
 VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0, "sentence": False}
 
-QUESTIONS = {
-    "P101": ["What field does [X] work in?", "What is [X]'s field of work?", "What area does [X] specialize in?"],
-    "P103": ["What is the native language of [X]?", "What is [X]'s mother tongue?"],
-    "P106": ["What is [X]'s profession?", "What does [X] do for a living?", "What is the occupation of [X]?"],
-    "P108": ["Who does [X] work for?", "Who is [X]'s employer?"],
-    "P127": ["Who owns [X]?", "Who is the owner of [X]?"],
-    "P1303": ["What instrument does [X] play?", "Which instrument is [X] known for playing?"],
-    "P131": ["Where is [X] located?", "In which region is [X]?"],
-    "P17": ["In which country is [X]?", "Which country is [X] in?"],
-    "P30": ["Which continent is [X] on?", "On what continent is [X]?"],
-    "P136": ["What genre of music does [X] play?", "What is [X]'s musical genre?"],
-    "P1376": ["What is [X] the capital of?", "Which country has [X] as its capital?"],
-    "P138": ["Who is [X] named after?", "What is [X] named for?"],
-    "P140": ["What religion does [X] follow?", "What is the religion of [X]?"],
-    "P1412": ["What language does [X] speak?", "Which languages does [X] communicate in?"],
-    "P159": ["Where is [X] headquartered?", "Where are the headquarters of [X]?"],
-    "P176": ["Who makes [X]?", "Which company produces [X]?", "Who manufactures [X]?"],
-    "P178": ["Who developed [X]?", "Which company created [X]?"],
-    "P19": ["Where was [X] born?", "What is [X]'s birthplace?", "What is the place of birth of [X]?"],
-    "P190": ["What is the twin city of [X]?", "Which city is twinned with [X]?"],
-    "P20": ["Where did [X] die?", "What is the place of death of [X]?"],
-    "P264": ["What record label is [X] signed to?", "Which label represents [X]?"],
-    "P27": ["What is [X]'s citizenship?", "Which country is [X] a citizen of?", "What is the nationality of [X]?"],
-    "P279": ["What is [X] a subclass of?", "What kind of thing is [X]?"],
-    "P36": ["What is the capital of [X]?", "Which city is the capital of [X]?"],
-    "P361": ["What is [X] part of?", "What larger whole is [X] a part of?"],
-    "P364": ["What is the original language of [X]?", "What language was [X] made in?"],
-    "P407": ["What language is [X] written in?"],
-    "P37": ["What is the official language of [X]?", "What language is spoken in [X]?"],
-    "P39": ["What position does [X] hold?", "What office does [X] hold?"],
-    "P413": ["What position does [X] play?", "Which position does [X] play in?"],
-    "P449": ["Which network aired [X]?", "Where was [X] originally broadcast?"],
-    "P463": ["What organization is [X] a member of?", "Which group does [X] belong to?"],
-    "P47": ["Which countries border [X]?", "What does [X] share a border with?"],
-    "P495": ["What is the country of origin of [X]?", "Where does [X] come from?"],
-    "P740": ["Where was [X] founded?", "Where was [X] formed?"],
-    "P530": ["Which countries does [X] have diplomatic relations with?"],
-    "P937": ["Where did [X] work?", "Where does [X] work?"],
-    "P1001": ["Where is [X] a legal term?"],
-}
+QUESTIONS = {r: list(q) for r, q in RELATION_QUESTIONS.items()}  # app/eval/pararel.py
 TELL_ME = {  # "Tell me [X]'s ..." forms: a noun per relation
     "P19": "birthplace", "P20": "place of death", "P27": "citizenship", "P106": "profession",
     "P101": "field of work", "P108": "employer", "P103": "native language", "P140": "religion",

@@ -78,6 +78,14 @@ def test_relation_of_counterfact_prompt_and_queries_of_other_relations():
     assert len(others) > 1  # different cases draw different relations
 
 
+def test_question_style_prompts_get_their_relation():
+    assert P.find_relations("What is Jiří Srnka's birthplace?", "Jiří Srnka") == ("P19",)
+    assert P.find_relations("In what place did Louis Aragon die?", "Louis Aragon") == ("P20",)
+    assert P.find_relations("What was Pierre Dreyfus's city of birth?", "Pierre Dreyfus") == ("P19",)
+    assert P.find_relations("Which position does Derrick Brooks play? They play as", "Derrick Brooks") == ("P413",)
+    assert P.find_relations("What colour is the sky over Lima?", "Lima") == ()
+
+
 def test_place_subject_gets_place_relations_and_unknown_relation_gets_no_query():
     qs = P.subject_queries("1", "Wellington", ("P190",), k=3, seed=1)
     assert qs and all(P.RELATION_TYPE.get(q.relation) == "place" or q.relation in P.EXTRA_TYPE_RELATIONS["place"]

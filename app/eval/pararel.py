@@ -80,6 +80,49 @@ SYNONYM_GROUPS: tuple[frozenset[str], ...] = (
     frozenset({"P103", "P1412"}),  # native language / languages spoken
 )
 
+# Question forms per relation (written here; the scope head trains on them too): they name the relation
+# of a question-style edit prompt (zsRE's "What is [X]'s birthplace?") that no ParaRel template matches.
+RELATION_QUESTIONS: dict[str, list[str]] = {
+    "P101": ["What field does [X] work in?", "What is [X]'s field of work?", "What area does [X] specialize in?"],
+    "P103": ["What is the native language of [X]?", "What is [X]'s mother tongue?"],
+    "P106": ["What is [X]'s profession?", "What does [X] do for a living?", "What is the occupation of [X]?"],
+    "P108": ["Who does [X] work for?", "Who is [X]'s employer?"],
+    "P127": ["Who owns [X]?", "Who is the owner of [X]?"],
+    "P1303": ["What instrument does [X] play?", "Which instrument is [X] known for playing?"],
+    "P131": ["Where is [X] located?", "In which region is [X]?"],
+    "P17": ["In which country is [X]?", "Which country is [X] in?"],
+    "P30": ["Which continent is [X] on?", "On what continent is [X]?"],
+    "P136": ["What genre of music does [X] play?", "What is [X]'s musical genre?"],
+    "P1376": ["What is [X] the capital of?", "Which country has [X] as its capital?"],
+    "P138": ["Who is [X] named after?", "What is [X] named for?"],
+    "P140": ["What religion does [X] follow?", "What is the religion of [X]?"],
+    "P1412": ["What language does [X] speak?", "Which languages does [X] communicate in?"],
+    "P159": ["Where is [X] headquartered?", "Where are the headquarters of [X]?"],
+    "P176": ["Who makes [X]?", "Which company produces [X]?", "Who manufactures [X]?"],
+    "P178": ["Who developed [X]?", "Which company created [X]?"],
+    "P19": ["Where was [X] born?", "What is [X]'s birthplace?", "What is the place of birth of [X]?"],
+    "P190": ["What is the twin city of [X]?", "Which city is twinned with [X]?"],
+    "P20": ["Where did [X] die?", "What is the place of death of [X]?"],
+    "P264": ["What record label is [X] signed to?", "Which label represents [X]?"],
+    "P27": ["What is [X]'s citizenship?", "Which country is [X] a citizen of?", "What is the nationality of [X]?"],
+    "P279": ["What is [X] a subclass of?", "What kind of thing is [X]?"],
+    "P36": ["What is the capital of [X]?", "Which city is the capital of [X]?"],
+    "P361": ["What is [X] part of?", "What larger whole is [X] a part of?"],
+    "P364": ["What is the original language of [X]?", "What language was [X] made in?"],
+    "P407": ["What language is [X] written in?"],
+    "P37": ["What is the official language of [X]?", "What language is spoken in [X]?"],
+    "P39": ["What position does [X] hold?", "What office does [X] hold?"],
+    "P413": ["What position does [X] play?", "Which position does [X] play in?"],
+    "P449": ["Which network aired [X]?", "Where was [X] originally broadcast?"],
+    "P463": ["What organization is [X] a member of?", "Which group does [X] belong to?"],
+    "P47": ["Which countries border [X]?", "What does [X] share a border with?"],
+    "P495": ["What is the country of origin of [X]?", "Where does [X] come from?"],
+    "P740": ["Where was [X] founded?", "Where was [X] formed?"],
+    "P530": ["Which countries does [X] have diplomatic relations with?"],
+    "P937": ["Where did [X] work?", "Where does [X] work?"],
+    "P1001": ["Where is [X] a legal term?"],
+}
+
 _STOP = {"the", "a", "an", "of", "is", "was", "in", "to", "and", "by", "for", "on", "at", "as", "with", "which",
          "who", "what", "that", "x", "y", "did", "does", "do", "it", "its", "has", "have", "had", "be", "been",
          "are", "were", "from", "this", "name", "where", "when", "whom", "whose", "how"}
@@ -148,8 +191,9 @@ def find_relations(prompt: str, subject: str | None) -> tuple[str, ...]:
     """The ParaRel relation(s) of an edit prompt.
 
     Exact match of the subject-masked prompt with a template cut before ``[Y]`` (several
-    relations share short prefixes such as "[X] is a"; all of them are returned), else the one
-    relation sharing most content words with the prompt, accepted when it covers at least half
+    relations share short prefixes such as "[X] is a"; all of them are returned) or with a
+    question form (:data:`RELATION_QUESTIONS`), else the one relation sharing most content words
+    with the prompt (templates, question forms and label), accepted when it covers at least half
     of the prompt's content words and either names one in its label or shares two. Empty when
     nothing fits.
     """
@@ -158,6 +202,7 @@ def find_relations(prompt: str, subject: str | None) -> tuple[str, ...]:
     rels = relations()
     exact = sorted({rid for rid, rel in rels.items() for p in rel.patterns
                     if (cut := _prefix(p)) is not None and _norm(cut) == key})
+    exact = exact or sorted({rid for rid in rels for q in RELATION_QUESTIONS.get(rid, ()) if _norm(q) == key})
     if exact:
         return tuple(exact)
     words = _content(masked)
@@ -166,7 +211,7 @@ def find_relations(prompt: str, subject: str | None) -> tuple[str, ...]:
     best, best_score = None, 0.0
     for rid in sorted(rels):
         rel = rels[rid]
-        shared = words & _content(" ".join(rel.patterns) + " " + rel.label)
+        shared = words & _content(" ".join([*rel.patterns, *RELATION_QUESTIONS.get(rid, ())]) + " " + rel.label)
         in_label = words & _content(rel.label)
         if len(shared) / len(words) < 0.5 or not (in_label or len(shared) >= 2):
             continue
