@@ -9,9 +9,10 @@ How a case's queries are chosen (deterministic: seeded by the run's seed and the
 
 1. The case's relation. A ``relation`` given by the record wins (CounterFact's ``relation_id``).
    Otherwise the prompt with the subject masked as ``[X]`` is compared with every ParaRel
-   template cut before its final ``[Y]``: an exact match (case and punctuation aside) names the
-   relation; else the relation whose templates (and LAMA label) share most content words with the
-   masked prompt (this is how zsRE questions, which are not ParaRel sentences, get a relation);
+   template cut before its final ``[Y]``, then with the question forms of
+   :data:`RELATION_QUESTIONS`: an exact match (case and punctuation aside) names the relation;
+   else the relation whose templates, question forms and LAMA label share most content words
+   with the masked prompt (this is how zsRE questions, which are not ParaRel sentences, get one);
    with no shared content word at all the relation stays unknown.
    A case whose relation stays unknown gets no query (there is no "other" relation to ask).
 2. The subject's type from :data:`RELATION_TYPE` (person, place, organisation, work, product,
