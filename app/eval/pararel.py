@@ -317,17 +317,6 @@ def plan_subject_queries(cases: Sequence, *, k: int = 2, seed: int = 0
     return queries, rel_of
 
 
-def _word_ngrams(text: str, longest: int) -> set[str]:
-    from app.selector.router import word_forms, normalise_words
-
-    words = normalise_words(text).split()
-    out: set[str] = set()
-    for i in range(len(words)):
-        for j in range(i + 1, min(len(words), i + longest) + 1):
-            out.update(word_forms(" ".join(words[i:j])))
-    return out
-
-
 def locality_conflicts(cases: Sequence, relations_of: Sequence[tuple[str, ...]]) -> list[int | None]:
     """Per case, the index of another case of the run whose fact its locality prompt asks, or None.
 
@@ -335,28 +324,19 @@ def locality_conflicts(cases: Sequence, relations_of: Sequence[tuple[str, ...]])
     naming rule: whole words, case and accents aside) and either asks the same relation
     (:func:`same_relation` of :func:`find_relations` of both, synonyms included) or reads the
     same once the subject is masked. Such a prompt *should* reach that edit."""
-    from app.selector.router import normalise_words
+    from app.selector.router import named_in, subject_index
 
-    by_subject: dict[str, list[int]] = {}
-    for j, c in enumerate(cases):
-        if c.subject and normalise_words(c.subject):
-            by_subject.setdefault(normalise_words(c.subject), []).append(j)
-    longest = max((len(s.split()) for s in by_subject), default=0)
+    index, max_words = subject_index([c.subject for c in cases])
     out: list[int | None] = [None] * len(cases)
     for i, c in enumerate(cases):
-        if not c.locality_prompt or not longest:
+        if not c.locality_prompt:
             continue
-        for gram in sorted(_word_ngrams(c.locality_prompt, longest)):
-            for j in by_subject.get(gram, ()):
-                if j == i:
-                    continue
-                other = cases[j]
-                asked = find_relations(c.locality_prompt, other.subject)
-                same_text = _norm(mask_subject(c.locality_prompt, other.subject)) == _norm(
-                    mask_subject(other.prompt, other.subject))
-                if same_text or (asked and relations_of[j] and same_relation(asked, relations_of[j])):
-                    out[i] = j
-                    break
-            if out[i] is not None:
+        for j in sorted(named_in(c.locality_prompt, index, max_words) - {i}):
+            other = cases[j]
+            asked = find_relations(c.locality_prompt, other.subject)
+            same_text = _norm(mask_subject(c.locality_prompt, other.subject)) == _norm(
+                mask_subject(other.prompt, other.subject))
+            if same_text or (asked and relations_of[j] and same_relation(asked, relations_of[j])):
+                out[i] = j
                 break
     return out

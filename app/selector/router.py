@@ -97,6 +97,30 @@ def subject_in(subject: str, query: str) -> bool:
     return any(s in word_forms(" ".join(words[i : i + n])) for i in range(len(words) - n + 1))
 
 
+def subject_index(subjects: Sequence[str | None]) -> tuple[dict[str, tuple[int, ...]], int]:
+    """(normalised subject -> positions of the items with it, the longest subject in words), for
+    :func:`named_in`; items without a subject are left out."""
+    index: dict[str, list[int]] = {}
+    for i, subject in enumerate(subjects):
+        if subject:
+            index.setdefault(normalise_words(subject), []).append(i)
+    return {k: tuple(v) for k, v in index.items()}, max((len(k.split()) for k in index), default=0)
+
+
+def named_in(query: str, index: dict[str, tuple[int, ...]], max_words: int) -> set[int]:
+    """Positions of the items of a :func:`subject_index` whose subject occurs in ``query`` as whole
+    words (the last word possibly inflected): a lookup per word n-gram of the query, not a scan."""
+    if not index:
+        return set()
+    words = normalise_words(query).split()
+    found: set[int] = set()
+    for start in range(len(words)):
+        for stop in range(start + 1, min(len(words), start + max_words) + 1):
+            for form in word_forms(" ".join(words[start:stop])):
+                found.update(index.get(form, ()))
+    return found
+
+
 SCOPES = ("fact", "subject")
 
 
@@ -172,16 +196,12 @@ class _Snapshot:
         edit_start = np.concatenate([[0], np.cumsum(edit_len)[:-1]]).astype(np.int64)
         key_edit = np.repeat(np.arange(len(records), dtype=np.int64), edit_len)
         centroids = l2_normalise(np.stack([r.vectors.mean(0) for r in records]))
-        subjects: dict[str, list[int]] = {}
-        for i, r in enumerate(records):
-            if r.subject:
-                subjects.setdefault(normalise_words(r.subject), []).append(i)
-        max_words = max((len(s.split()) for s in subjects), default=0)
+        subjects, max_words = subject_index([r.subject for r in records])
         is_subjectless = np.array([not r.subject for r in records], dtype=bool)
         subjectless = np.flatnonzero(is_subjectless).astype(np.int64)
         return cls(
             matrix, key_edit, tuple(t for r in records for t in r.texts), tuple(r.edit_id for r in records),
-            edit_start, edit_len, centroids, {k: tuple(v) for k, v in subjects.items()}, max_words,
+            edit_start, edit_len, centroids, subjects, max_words,
             subjectless, np.flatnonzero(is_subjectless[key_edit]).astype(np.int64),
             np.ascontiguousarray(centroids[subjectless]), is_subjectless, tuple(records),
         )
@@ -196,15 +216,7 @@ class _Snapshot:
 
     def named_edits(self, query: str) -> set[int]:
         """Edits whose subject occurs in ``query`` as whole words: a lookup per word n-gram."""
-        if not self.subjects:
-            return set()
-        words = normalise_words(query).split()
-        found: set[int] = set()
-        for start in range(len(words)):
-            for stop in range(start + 1, min(len(words), start + self.max_subject_words) + 1):
-                for form in word_forms(" ".join(words[start:stop])):
-                    found.update(self.subjects.get(form, ()))
-        return found
+        return named_in(query, self.subjects, self.max_subject_words)
 
 
 class Selector:
