@@ -119,3 +119,17 @@ def test_hidden_states_shape_and_layer_check(lm):
     assert h.shape == (2, lm.arch.hidden_size)
     with pytest.raises(ValueError):
         lm.hidden_states(["x"], layer=99)
+
+
+def test_score_rows_may_mix_forms_in_one_batch(real_lm):
+    prompts = ["The capital of France is", "The capital of France is", "Water boils at"]
+    targets = ["Paris", "Paris", "100 degrees"]
+    modes = ["completion", "chat", "completion"]
+    mixed = real_lm.score(prompts, targets, modes=modes)
+    for p, t, m, s in zip(prompts, targets, modes, mixed):
+        [alone] = real_lm.score([p], [t], mode=m)
+        assert s.logprob == pytest.approx(alone.logprob, abs=1e-3)
+        assert s.correct == alone.correct
+    assert mixed[0].logprob != pytest.approx(mixed[1].logprob, abs=1e-3)  # the forms really differ
+    with pytest.raises(ValueError):
+        real_lm.score(prompts, targets, modes=["completion"])

@@ -332,12 +332,12 @@ def test_relation_check_costs_one_extra_encode_only_when_a_named_edit_passes():
         records.append(rec)
     sel.add_many(records)
     add(sel, "born", "Marie Curie was born in", "Marie Curie")
-    sel.encoder.calls = 0
+    sel.encoder.inner.calls = 0
     assert sel.route("How do penguins keep warm in winter") is None
-    assert sel.encoder.calls == 1  # no named edit: no extra encode
+    assert sel.encoder.inner.calls == 1  # no named edit: no extra encode
     route = sel.route("Marie Curie was born in the city of")
     assert route is not None and route.edit_id == "born" and route.relation_score is not None
-    assert sel.encoder.calls == 3  # the query, then one batch of masked queries
+    assert sel.encoder.inner.calls == 3  # the query, then one batch of masked queries
     assert sel.route("Marie Curie died in the city of") is None  # another relation of the subject
 
 
@@ -357,9 +357,9 @@ def test_a_record_without_relation_keys_gets_them_computed_once():
     sel.add(KeyRecord("old", rec.vectors, rec.texts, rec.subject))  # stored before relation keys existed
     assert sel.route("Marie Curie was born in the city of").edit_id == "old"
     assert sel.route("Marie Curie died in the city of") is None
-    calls = sel.encoder.calls
+    calls = sel.encoder.inner.calls
     sel.route("Marie Curie was born in the city of")
-    assert sel.encoder.calls == calls + 2  # the cached relation keys are not encoded again
+    assert sel.encoder.inner.calls == calls + 2  # the cached relation keys are not encoded again
 
 
 @pytest.mark.e2e
@@ -385,3 +385,25 @@ def test_minilm_relation_check_keeps_paraphrases_and_rejects_other_relations():
     sel.add(KeyRecord("pm", old.vectors, old.texts, old.subject))  # no relation keys: computed lazily
     assert sel.route("Who is the UK prime minister?").edit_id == "pm"
     assert sel.route("The UK prime minister was born in") is None
+
+
+def test_memo_embeds_each_text_once_inside_and_never_keeps_it_outside():
+    inner = BagOfWords()
+    sel = make()
+    sel.encoder.inner = inner
+    q = "The capital city of France is"
+    with sel.memo():
+        first = sel.encoder.encode([q, "Paris", q])
+        again = sel.encoder.encode([q])
+        assert inner.calls == 1  # "q" twice and "Paris" in one call; the second call reuses q
+        np.testing.assert_allclose(first[0], again[0])
+        np.testing.assert_allclose(first[0], first[2])
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(sel.encoder.encode([q])))
+        t.start(); t.join()
+        assert inner.calls == 2  # another thread is not served from this thread's memo
+        assert sel.encoder.encode([]).shape == (0, inner.dim)
+    sel.encoder.encode([q])
+    sel.encoder.encode([q])
+    assert inner.calls == 4  # outside the block every call embeds again
+    np.testing.assert_allclose(sel.encoder.encode([q])[0], first[0], rtol=1e-6)

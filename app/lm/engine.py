@@ -369,14 +369,19 @@ class LM:
         targets: Sequence[str],
         *,
         mode: Mode | None = None,
+        modes: Sequence[Mode] | None = None,
         deltas: Iterable[Delta] | None = None,
         batch_size: int = 32,
     ) -> list[Score]:
-        """Teacher-forced log-probability of each target as the continuation of its prompt."""
+        """Teacher-forced log-probability of each target as the continuation of its prompt.
+        ``modes``: one form per prompt (completion and chat rows share one forward), else ``mode``
+        for every prompt."""
         if len(prompts) != len(targets):
             raise ValueError("prompts and targets differ in length")
-        mode = mode or self.default_mode()
-        pairs = [(self.prompt_ids(p, mode), self.target_ids(p, t, mode)) for p, t in zip(prompts, targets)]
+        if modes is not None and len(modes) != len(prompts):
+            raise ValueError("prompts and modes differ in length")
+        each = list(modes) if modes is not None else [mode or self.default_mode()] * len(prompts)
+        pairs = [(self.prompt_ids(p, m), self.target_ids(p, t, m)) for p, t, m in zip(prompts, targets, each)]
         return self.score_ids(pairs, deltas=deltas, batch_size=batch_size)
 
     @torch.inference_mode()
@@ -387,18 +392,40 @@ class LM:
                 chunk = pairs[start : start + batch_size]
                 seqs = [p + t for p, t in chunk]
                 input_ids, attn = self._pad(seqs, left=False)
-                logits = self.model(input_ids=input_ids, attention_mask=attn).logits.float()
-                logp = torch.log_softmax(logits, dim=-1)
+                # Only the positions that predict a target token go through the vocabulary projection.
+                keep = torch.zeros_like(attn, dtype=torch.bool)
                 for row, (p, t) in enumerate(chunk):
+                    keep[row, len(p) - 1 : len(p) + len(t) - 1] = True
+                logits = self.kept_logits(input_ids, attn, keep)
+                logp = torch.log_softmax(logits, dim=-1)
+                at = 0
+                for p, t in chunk:
                     if not t:
                         results.append(Score(0.0, [], []))
                         continue
-                    pos = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=logits.device)
+                    rows = slice(at, at + len(t))
+                    at += len(t)
                     tgt = torch.tensor(t, device=logits.device)
-                    lp = logp[row, pos].gather(-1, tgt[:, None]).squeeze(-1)
-                    correct = logits[row, pos].argmax(-1).eq(tgt)
+                    lp = logp[rows].gather(-1, tgt[:, None]).squeeze(-1)
+                    correct = logits[rows].argmax(-1).eq(tgt)
                     results.append(Score(float(lp.sum()), lp.tolist(), correct.tolist()))
         return results
+
+    def kept_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Float logits at the ``keep`` positions only ([n_keep, vocab], row-major order): models that
+        take a boolean ``logits_to_keep`` mask skip the vocabulary projection everywhere else; any
+        other model gets a full forward, sliced."""
+        n_keep = int(keep.sum())
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+            if logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == n_keep:
+                logits = logits[0]
+            if logits.dim() == 2 and logits.shape[0] == n_keep:
+                return logits.float()
+        except TypeError:
+            pass
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[keep].float()
 
     # -- hidden states -------------------------------------------------------------------------
     @torch.inference_mode()

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -70,6 +71,44 @@ def _load_minilm(path: str):
     for p in model.parameters():
         p.requires_grad_(False)
     return tok, model
+
+
+class MemoEncoder:
+    """An encoder that, inside ``memo()``, embeds each distinct text once for the calling thread.
+
+    One edit embeds its prompt several times (the no-op check, the superseded-edit lookup, its
+    keys, its measurement through the served path); inside ``memo()`` those share one forward.
+    Outside it, and on every other thread, each call goes to the wrapped encoder: nothing is
+    kept between requests.
+    """
+
+    def __init__(self, inner: Encoder):
+        self.inner = inner
+        self.name = inner.name
+        self.dim = inner.dim
+        self._local = threading.local()
+
+    @contextmanager
+    def memo(self) -> Iterator[None]:
+        if getattr(self._local, "memo", None) is not None:  # nested: the outer memo serves
+            yield
+            return
+        self._local.memo = {}
+        try:
+            yield
+        finally:
+            self._local.memo = None
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        memo = getattr(self._local, "memo", None)
+        if memo is None:
+            return self.inner.encode(texts)
+        todo = list(dict.fromkeys(t for t in texts if t not in memo))
+        if todo:
+            memo.update(zip(todo, self.inner.encode(todo)))
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([memo[t] for t in texts]).astype(np.float32, copy=False)
 
 
 class MiniLMEncoder:

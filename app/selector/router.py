@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from app.selector.encoders import Encoder, build_encoder, l2_normalise
+from app.selector.encoders import Encoder, MemoEncoder, build_encoder, l2_normalise
 from app.selector.scope import ScopeHead, default_head, edit_relation_texts, query_relation_text
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ class Selector:
         scope_head: ScopeHead | None | str = "default",
         scope_threshold: float | None = None,
     ):
-        self.encoder = encoder
+        self.encoder = encoder if isinstance(encoder, MemoEncoder) else MemoEncoder(encoder)
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
         self.subjectless_threshold = (
             DEFAULT_SUBJECTLESS_THRESHOLD if subjectless_threshold is None else float(subjectless_threshold)
@@ -249,6 +249,10 @@ class Selector:
         self._lock = threading.Lock()
         self._records: dict[str, KeyRecord] = {}
         self._snap = _Snapshot.build([], encoder.dim)
+
+    def memo(self):
+        """Within this block the calling thread embeds each distinct text once (``MemoEncoder``)."""
+        return self.encoder.memo()
 
     # -- keys ----------------------------------------------------------------------------------
     def keys_for(

@@ -132,13 +132,17 @@ class AnswerService:
             self.engine.last_error = str(exc)[:300]
             return None
 
-    def score(self, prompts: Sequence[str], targets: Sequence[str], *, mode: Mode | None = None) -> list[ScoreResult]:
+    def score(self, prompts: Sequence[str], targets: Sequence[str], *, mode: Mode | None = None,
+              modes: Sequence[Mode] | None = None) -> list[ScoreResult]:
+        """Teacher-forced scores through the served path: each prompt routed, then scored with the
+        delta that serves it. ``modes``: one form per prompt, else ``mode`` for all."""
         routes, groups = self._groups(prompts)
         out: list[ScoreResult | None] = [None] * len(prompts)
         for edit_id, idx in groups.items():
             delta = self._serving(edit_id)
             scores = self.lm.score(
                 [prompts[i] for i in idx], [targets[i] for i in idx], mode=mode,
+                modes=[modes[i] for i in idx] if modes is not None else None,
                 deltas=[delta] if delta is not None else None,
             )
             for i, s in zip(idx, scores):

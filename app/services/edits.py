@@ -243,7 +243,7 @@ class EditService:
         after its worker died past the commit), it is returned as a replay and nothing is trained."""
         method, config = self.validate(req)
         claim = self.db.claim(f"idempotency:{idempotency_key}") if idempotency_key else contextlib.nullcontext(True)
-        with self._lock, claim as claimed:
+        with self._lock, claim as claimed, self.selector.memo():
             if not claimed:
                 raise Conflict("a request with this Idempotency-Key is in progress", code="idempotency_conflict")
             if idempotency_key:
@@ -341,15 +341,13 @@ class EditService:
             _StagedDeltas(self.deltas, record.edit_id, delta.to(self.lm.device, self.lm.dtype)),
         )
         forms = ["completion"] + (["chat"] if self.lm.has_chat_template else [])
-        success = _mean([
-            s.all_correct and s.edit_id == record.edit_id
-            for mode in forms
-            for s in answers.score([req.prompt], [req.target], mode=mode)
-        ])
-        para = None
-        if req.paraphrases:
-            scores = answers.score(req.paraphrases, [req.target] * len(req.paraphrases), mode="completion")
-            para = _mean([s.all_correct and s.edit_id == record.edit_id for s in scores])
+        # The prompt in every form and the paraphrases in completion form: one scoring batch.
+        prompts = [req.prompt] * len(forms) + list(req.paraphrases)
+        modes = forms + ["completion"] * len(req.paraphrases)
+        held = [s.all_correct and s.edit_id == record.edit_id
+                for s in answers.score(prompts, [req.target] * len(prompts), modes=modes)]
+        success = _mean(held[: len(forms)])
+        para = _mean(held[len(forms):]) if req.paraphrases else None
         locality = None
         if req.locality_prompts:
             routes = answers.route(req.locality_prompts)

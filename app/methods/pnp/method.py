@@ -355,20 +355,8 @@ class TailForward:
 
 
 def kept_logits(lm: LM, group: _Group) -> torch.Tensor:
-    """Logits at the kept positions only ([n_keep, vocab]); the vocabulary projection of
-    every other position is skipped when the model supports ``logits_to_keep`` masks."""
-    n_keep = int(group.keep.sum())
-    try:
-        out = lm.model(input_ids=group.input_ids, attention_mask=group.attention_mask, logits_to_keep=group.keep)
-        logits = out.logits
-        if logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == n_keep:
-            logits = logits[0]
-        if logits.dim() == 2 and logits.shape[0] == n_keep:
-            return logits.float()
-    except TypeError:
-        pass
-    logits = lm.model(input_ids=group.input_ids, attention_mask=group.attention_mask).logits
-    return logits[group.keep].float()
+    """Logits at the group's kept positions only ([n_keep, vocab])."""
+    return lm.kept_logits(group.input_ids, group.attention_mask, group.keep)
 
 
 def negative_texts(request: EditRequest, config: PnPConfig) -> list[str]:
