@@ -155,13 +155,27 @@ def test_bad_edit_requests_write_nothing(service, body, status, code):
     assert len(rt.selector) == 0 and rt.memory.all() == []
 
 
-def test_target_the_model_already_gives_is_refused(service, tiny_llama):
+@pytest.mark.parametrize("method, config", [("pnp", FAST), ("ft", {"layers": -1, "max_steps": 5})])
+def test_target_the_model_already_gives_is_refused(service, tiny_llama, method, config):
+    # The prompt routes to no edit: the method's first forward (the unedited model) sees it.
     client, rt = service()
     prompt = "hello there"
     current = tiny_llama.generate([prompt], max_new_tokens=2, mode="completion")[0].text.strip()
-    r = create(client, {"prompt": prompt, "target": current, "config": FAST})
+    r = create(client, {"prompt": prompt, "target": current, "method": method, "config": config})
     assert r.status_code == 422 and r.json()["error"]["code"] == "target_already_holds"
     assert count_rows(rt) == {}
+    assert len(rt.selector) == 0 and rt.memory.all() == []
+
+
+def test_edit_that_an_active_edit_already_serves_is_refused(service):
+    # The prompt routes to an edit: the served answer (with that edit's delta) is checked first.
+    client, rt = service()
+    r = create(client, {**EDIT, "config": FAST})
+    assert r.status_code == 201, r.text
+    rows = count_rows(rt)
+    again = create(client, {**EDIT, "config": FAST})
+    assert again.status_code == 422 and again.json()["error"]["code"] == "target_already_holds"
+    assert count_rows(rt) == rows and len(rt.selector) == 1
 
 
 def test_training_failure_leaves_nothing(service, monkeypatch):

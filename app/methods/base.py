@@ -68,6 +68,10 @@ class FitResult:
     steps: int
     train_ms: float
     info: dict[str, Any] = field(default_factory=dict)
+    # Whether the unedited model already wrote the target after the prompt (completion form,
+    # teacher forced, every target token the argmax), seen in the fit's first forward; None when
+    # the method did not look (see ``Method.reports_base_holds``).
+    base_holds: bool | None = None
 
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
@@ -78,6 +82,9 @@ class Method(Generic[C]):
     config_class: ClassVar[type[MethodConfig]]
     # False for methods that take a batch of facts (served by /calibrations), not one edit.
     accepts_edits: ClassVar[bool] = True
+    # True for methods whose ``fit`` always fills ``FitResult.base_holds``: the service then learns
+    # from the fit, not from a forward of its own, that an edit of an unrouted prompt is a no-op.
+    reports_base_holds: ClassVar[bool] = False
 
     def parse_config(self, raw: dict[str, Any] | None) -> C:
         return self.config_class.model_validate(raw or {})  # raises ValidationError

@@ -256,7 +256,7 @@ class EditService:
                 if stored is not None:
                     return CreateResult(stored, replayed=True)
             self._require_stores()
-            self._refuse_no_op(req)
+            checked = self._refuse_no_op(req, method)
             t0 = time.perf_counter()
             try:
                 fit = method.fit(self.lm, self._edit_request(req), config)
@@ -265,6 +265,11 @@ class EditService:
             except Exception as exc:  # noqa: BLE001 - the caller gets a clear error, nothing is stored
                 log.exception("fitting edit failed")
                 raise Internal(f"training the edit failed: {type(exc).__name__}", code="training_failed") from exc
+            if not checked:
+                if fit.base_holds is None:
+                    self._refuse_if_served(req)
+                elif fit.base_holds:
+                    raise _already_holds()
             record = self.selector.keys_for(
                 req.prompt, req.paraphrases, req.subject, target=req.target, scope=req.scope,
             )
@@ -313,13 +318,20 @@ class EditService:
             raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_key_reused")
         return existing
 
-    def _refuse_no_op(self, req: EditInput) -> None:
+    def _refuse_no_op(self, req: EditInput, method) -> bool:
+        """Refuse (422) an edit whose target the served model already writes after the prompt.
+        Returns whether that was checked here: when the prompt routes to no edit, the base model
+        serves it, and a method that reports ``base_holds`` sees it in the fit's first forward, so
+        the check waits for the fit instead of costing a forward of its own."""
+        if method.reports_base_holds and self.answers.route([req.prompt])[0].edit_id is None:
+            return False
+        self._refuse_if_served(req)
+        return True
+
+    def _refuse_if_served(self, req: EditInput) -> None:
         served = self.answers.score([req.prompt], [req.target], mode="completion")[0]
         if served.all_correct:
-            raise Unprocessable(
-                "the model already continues this prompt with the target; nothing to edit",
-                code="target_already_holds",
-            )
+            raise _already_holds()
 
     def _superseded_by(self, req: EditInput) -> Edit | None:
         route = self.answers.route([req.prompt])[0]
@@ -496,6 +508,12 @@ class _StagedDeltas:
 
     def get_cached(self, edit_id: str) -> Delta | None:
         return self.delta if edit_id == self.edit_id else self.cache.get_cached(edit_id)
+
+
+def _already_holds() -> Unprocessable:
+    return Unprocessable(
+        "the model already continues this prompt with the target; nothing to edit", code="target_already_holds",
+    )
 
 
 def _mean(values) -> float:

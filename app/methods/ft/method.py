@@ -72,10 +72,12 @@ def fine_tune(lm: LM, request: EditRequest, config: FtConfig, *, method: str, ra
     start = min(tuned_blocks(lm, config))
     forwards = [TailForward(lm, g, start) for g in groups]
     base_logp: list = [None] * len(groups)
-    steps, converged, loss_value = 0, False, math.nan
+    steps, converged, loss_value, base_holds = 0, False, math.nan, False
     with torch.enable_grad(), lm.active([delta]):
         while True:
-            ce, _, _, ok = PnP._objective(lm, groups, forwards, base_logp, counts, 0.0)
+            ce, _, _, ok, held = PnP._objective(lm, groups, forwards, base_logp, counts, 0.0)
+            if steps == 0:
+                base_holds = bool(held[0])  # example 0: the prompt (completion form), ΔW still zero
             loss_value = float(ce.detach())
             if ok:
                 converged = True
@@ -96,7 +98,7 @@ def fine_tune(lm: LM, request: EditRequest, config: FtConfig, *, method: str, ra
     final = Delta("dense", {k: v.detach().requires_grad_(False) for k, v in delta.tensors.items()}, meta)
     info = {"converged": converged, "loss": loss_value, "examples": n_examples, "modules": final.modules(),
             "max_abs": max(float(v.abs().max()) for v in final.tensors.values())}
-    return FitResult(final, steps, (time.perf_counter() - t0) * 1000.0, info)
+    return FitResult(final, steps, (time.perf_counter() - t0) * 1000.0, info, base_holds=base_holds)
 
 
 @register("ft")
@@ -104,6 +106,7 @@ class FineTune(Method[FtConfig]):
     """Plain fine-tuning of chosen MLP matrices; see the module docstring."""
 
     config_class = FtConfig
+    reports_base_holds = True
 
     def fit(self, lm: LM, request: EditRequest, config: FtConfig, progress: ProgressFn | None = None) -> FitResult:
         return fine_tune(lm, request, config, method="ft", radius=None, progress=progress)

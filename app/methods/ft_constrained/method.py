@@ -13,6 +13,7 @@ from app.methods.ft_constrained.config import FtConstrainedConfig
 @register("ft_constrained")
 class ConstrainedFineTune(Method[FtConstrainedConfig]):
     config_class = FtConstrainedConfig
+    reports_base_holds = True
 
     def fit(self, lm: LM, request: EditRequest, config: FtConstrainedConfig,
             progress: ProgressFn | None = None) -> FitResult:

@@ -30,8 +30,9 @@ def train_command(lm: LM) -> str:
 
 
 def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
-                 scale: float = 1.0, chat: bool = False, check: bool = True) -> tuple[Delta, int, bool | None]:
-    """(delta, passes, the target holds on every prompt) for ``request``; with ``chat`` (and a chat
+                 scale: float = 1.0, chat: bool = False, check: bool = True) -> tuple[Delta, int, bool | None, bool]:
+    """(delta, passes, the target holds on every prompt, the unedited model already wrote it after
+    the prompt) for ``request``; with ``chat`` (and a chat
     template) the prompt's chat form joins the gradient and the stop rule. Without ``check`` the
     last pass is not verified by another forward (None when the loop did not see it hold): the
     service measures the stored edit through the served path anyway."""
@@ -45,10 +46,12 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
         raise ValueError("the target encodes to no tokens")
     batch = E.make_batch(lm, examples)
     delta: Delta | None = None
-    passes, holds = 0, False
+    passes, holds, base_holds = 0, False, False
     embeds = None
     while passes < loop:
         factors, held, first = E.edit_gradients(lm, editor.paths, batch, [delta] if delta is not None else [])
+        if delta is None:
+            base_holds = bool(held[0])  # row 0: the prompt in completion form, before any update
         if delta is not None and bool(held.all()):
             holds = True
             break
@@ -61,12 +64,12 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
             delta = E.editor_delta(editor, embeds, factors, delta)
         passes += 1
     if not holds and not check:
-        return delta, passes, None
+        return delta, passes, None, base_holds
     if not holds:
         with torch.no_grad(), lm.active([delta]):
             _, held = E.target_nll(E.batch_logits(lm, batch), batch)
         holds = bool(held.all())
-    return delta, passes, holds
+    return delta, passes, holds, base_holds
 
 
 @register("ke")
@@ -74,6 +77,7 @@ class KnowledgeEditorMethod(Method[KeConfig]):
     """One pass (or a few, with `loop`) of the trained editor; see the module docstring."""
 
     config_class = KeConfig
+    reports_base_holds = True
 
     def prepare(self, lm: LM, home) -> None:
         try:
@@ -101,7 +105,8 @@ class KnowledgeEditorMethod(Method[KeConfig]):
             raise ValueError("an edit needs a non-empty prompt and target")
         self.check(lm, config)
         ef = E.attached(lm)
-        delta, passes, holds = apply_editor(lm, ef, request, config.loop, config.scale, config.chat, check=False)
+        delta, passes, holds, base_holds = apply_editor(
+            lm, ef, request, config.loop, config.scale, config.chat, check=False)
         meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
                 "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16]}
         final = Delta("lora", {k: v.detach().contiguous() for k, v in delta.tensors.items()}, meta)
@@ -109,4 +114,4 @@ class KnowledgeEditorMethod(Method[KeConfig]):
             progress(passes, config.loop, 0.0)
         info = {"converged": holds, "passes": passes, "modules": final.modules(),
                 "rank": int(final.get(final.modules()[0], "A").shape[0])}
-        return FitResult(final, passes, (time.perf_counter() - t0) * 1000.0, info)
+        return FitResult(final, passes, (time.perf_counter() - t0) * 1000.0, info, base_holds=base_holds)

@@ -404,6 +404,7 @@ class PnP(Method[PnPConfig]):
     """Per-edit LoRA adapter; see the module docstring."""
 
     config_class = PnPConfig
+    reports_base_holds = True
 
     def fit(self, lm: LM, request: EditRequest, config: PnPConfig, progress: ProgressFn | None = None) -> FitResult:
         t0 = time.perf_counter()
@@ -418,9 +419,14 @@ class PnP(Method[PnPConfig]):
         forwards = [TailForward(lm, g, start) for g in groups]
         base_logp: list[torch.Tensor | None] = [None] * len(groups)
         steps, converged, ce_value, kl_value, neg_value = 0, False, math.nan, 0.0, 0.0
+        # Example 0 is the prompt in completion form when that form is trained (training_prompts).
+        first_is_prompt = training_modes(lm, request, config)[0] == "completion"
+        base_holds: bool | None = None
         with torch.enable_grad(), lm.active([delta]):
             while True:
-                ce, kl, neg, ok = self._objective(lm, groups, forwards, base_logp, counts, config.min_prob)
+                ce, kl, neg, ok, held = self._objective(lm, groups, forwards, base_logp, counts, config.min_prob)
+                if steps == 0 and first_is_prompt:
+                    base_holds = bool(held[0])  # B is still zero: the unedited model
                 ce_value, kl_value, neg_value = float(ce.detach()), float(kl.detach()), float(neg.detach())
                 if ok:
                     converged = True
@@ -445,7 +451,7 @@ class PnP(Method[PnPConfig]):
             "examples": n_examples, "locality_prompts": n_loc, "negative_prompts": len(negative_texts(request, config)),
             "modules": final.modules(),
         }
-        return FitResult(final, steps, train_ms, info)
+        return FitResult(final, steps, train_ms, info, base_holds=base_holds)
 
     @staticmethod
     def _objective(
@@ -455,19 +461,22 @@ class PnP(Method[PnPConfig]):
         base_logp: list[torch.Tensor | None],
         counts: torch.Tensor,
         min_prob: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, torch.Tensor]:
         """(mean per-example target NLL, mean locality KL, mean other-fact KL, is every target token
         the argmax with at least ``min_prob`` and every other-fact prompt's top token the base
-        model's). The first call, with B still zero, records the base model's distributions at the
+        model's, [examples] bool: every target token of the example is the argmax). The first call, with B still zero, records the base model's distributions at the
         locality and other-fact positions that the KL terms compare against."""
         nll = torch.zeros(len(counts), device=lm.device)
+        misses = torch.zeros(len(counts), device=lm.device)
         kl_terms, neg_terms, ok = [], [], True
         for g, group in enumerate(groups):
             logp = torch.log_softmax(forwards[g](), dim=-1)
             if group.targets.numel():
                 t_all = logp[group.is_target]
                 t_logp = t_all.gather(-1, group.targets[:, None]).squeeze(-1)
-                ok = ok and bool(t_all.argmax(-1).eq(group.targets).all())
+                hit = t_all.detach().argmax(-1).eq(group.targets)
+                misses = misses.index_add(0, group.target_row, (~hit).float())
+                ok = ok and bool(hit.all())
                 ok = ok and bool(t_logp.detach().exp().min() >= min_prob)
                 nll = nll.index_add(0, group.target_row, -t_logp)
             if group.boundary_row.numel():
@@ -495,7 +504,7 @@ class PnP(Method[PnPConfig]):
         zero = torch.zeros((), device=lm.device)
         kl = torch.stack(kl_terms).mean() if kl_terms else zero
         neg = torch.stack(neg_terms).mean() if neg_terms else zero
-        return ce, kl, neg, ok
+        return ce, kl, neg, ok, misses.eq(0)
 
 
 def _token_counts(groups: list[_Group], n_examples: int, device: torch.device) -> torch.Tensor:
