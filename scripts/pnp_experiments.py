@@ -585,26 +585,12 @@ def cmd_scope(args) -> None:
     held_groups = set(filter(None, head.metadata.get("holdout", "").split(",")))
     all_records = json.loads(CF_TRAIN.read_text())
     all_rel = ts.cf_relations(all_records)
-    from app.selector.catalogue import RelationCatalogue, default_catalogue, default_prompts
-    from app.selector.scope import mask_subject
-
     enc = CachedEncoder()
-    # Sweep points: (scope threshold, contrast margin); threshold None = no relation check at all.
-    thresholds = [(None, None)] + [(t, None) for t in args.thresholds]
-    thresholds += [(t, m) for t in args.thresholds for m in args.margins]
+    thresholds = [None] + args.thresholds
     rows = {t: collections_default() for t in thresholds}
-    catalogue = default_catalogue()
-    if args.split:  # the catalogue holds every other prompt of each relation; queries use the rest
-        catalogue = RelationCatalogue.from_relations(
-            {r: [q for i, q in enumerate(ps) if i % 2 == 0] for r, ps in default_prompts().items()})
-    known = set(catalogue.texts)
-
-    def unseen(q: str, subject: str) -> bool:  # the query's template is not a catalogue entry
-        return not args.split or mask_subject(q, subject).strip() not in known
-
     for start in range(args.start, args.start + args.memories * args.n, args.n):
         recs, rels = all_records[start : start + args.n], all_rel[start : start + args.n]
-        sel = Selector(enc, scope_head=head, catalogue=catalogue)
+        sel = Selector(enc, scope_head=head)
         keyed = []
         for i, r in enumerate(recs):
             rec = sel.keys_for(r["prompt"], (), r["subject"], target=r["target_new"] if args.target else None)
@@ -617,8 +603,8 @@ def cmd_scope(args) -> None:
             "prompt": [(r["prompt"], str(i)) for i, r in enumerate(recs)],
             "rephrase": [(r["rephrase_prompt"], str(i)) for i, r in enumerate(recs)],
             "loc": [(r["locality_prompt"], None) for r in recs],
-            "same": [(q, None) for q, i, _ in same if unseen(q, recs[i]["subject"])],
-            "same-q": [(q, None) for q, i, _ in sameq if unseen(q, recs[i]["subject"])],
+            "same": [(q, None) for q, _, _ in same],
+            "same-q": [(q, None) for q, _, _ in sameq],
         }
         if args.harness:  # the eval harness's subject-locality queries (app/eval/pararel.py)
             from types import SimpleNamespace
@@ -629,7 +615,7 @@ def cmd_scope(args) -> None:
                                      relation=None) for i, r in enumerate(recs)]
             cases = [SimpleNamespace(**vars(c), locality_prompt=r["locality_prompt"]) for c, r in zip(cases, recs)]
             planned, rel_of = plan_subject_queries(cases, k=2, seed=0)
-            sets["same-h"] = [(q.prompt, None) for c, qs in zip(cases, planned) for q in qs if unseen(q.prompt, c.subject)]
+            sets["same-h"] = [(q.prompt, None) for qs in planned for q in qs]
             asks = locality_conflicts(cases, rel_of)  # the harness leaves these out of locality
             sets["loc-h"] = [(r["locality_prompt"], None) for r, a in zip(recs, asks) if a is None]
         if held_groups:
@@ -643,15 +629,14 @@ def cmd_scope(args) -> None:
         texts = [q for qs in sets.values() for q, _ in qs]
         texts += [query_relation_text(q, recs[e]["subject"]) for q in texts for e in sel._snap.named_edits(q)]
         enc.encode(texts)
-        for t, m in thresholds:
+        for t in thresholds:
             sel.scope_head = None if t is None else head
             sel.scope_threshold = 0.0 if t is None else t
-            sel.contrast_margin = m
             for name, qs in sets.items():
                 routes = sel.route_many([q for q, _ in qs])
                 ok = [(r.edit_id if r else None) == want for r, (_, want) in zip(routes, qs)]
-                rows[(t, m)][name].extend(ok)
-                if args.errors and t == args.errors_threshold and m == args.errors_margin:
+                rows[t][name].extend(ok)
+                if args.errors and t == args.errors_threshold:
                     for r, (q, want), good in zip(routes, qs, ok):
                         if not good:
                             got = recs[int(r.edit_id)] if r else None
@@ -660,15 +645,12 @@ def cmd_scope(args) -> None:
                                      f"rel {r.relation_score if r.relation_score is not None else float('nan'):.2f})"
                                      if got else "none")
                                   + (f" want {recs[int(want)]['prompt']!r}" if want is not None else ""))
-    names = list(rows[(None, None)])
-    print("| scope threshold | contrast margin | " + " | ".join(f"{n} (n={len(rows[(None, None)][n])})" for n in names) + " |")
-    print("|---" * (len(names) + 2) + "|")
-    for t, m in thresholds:
-        label = "off" if t is None else f"{t:.2f}"
-        margin = "off" if m is None else f"{m:+.2f}"
-        print(f"| {label} | {margin} | " + " | ".join(f"{np.mean(rows[(t, m)][n]):.3f}" for n in names) + " |")
-    print(f"catalogue: {len(catalogue)} entries of {len(catalogue.group_names)} relations"
-          + (" (every other prompt; queries whose template is an entry left out)" if args.split else ""))
+    names = list(rows[None])
+    print("| scope threshold | " + " | ".join(f"{n} (n={len(rows[None][n])})" for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for t in thresholds:
+        label = "off (today)" if t is None else f"{t:.2f}"
+        print(f"| {label} | " + " | ".join(f"{np.mean(rows[t][n]):.3f}" for n in names) + " |")
     print("columns: prompt/rephrase = routed to its own edit; loc/same/same-q = routed to none")
     if args.examples:
         sel = Selector(enc, scope_head=head, scope_threshold=args.examples_threshold)
@@ -809,12 +791,6 @@ def main() -> None:
                     help="also the eval harness's subject-locality queries (set same-h)")
     sc.add_argument("--errors", action="store_true", help="print every wrong route at --errors-threshold")
     sc.add_argument("--errors-threshold", type=float, default=0.5)
-    sc.add_argument("--errors-margin", type=float, default=None, help="contrast margin of the --errors listing")
-    sc.add_argument("--margins", type=float, nargs="*", default=[],
-                    help="relation-contrast margins to sweep at each threshold (the selector's catalogue)")
-    sc.add_argument("--split", action="store_true",
-                    help="held-out contrast: the catalogue keeps every other prompt of each relation, and "
-                         "subject questions whose template is in it are left out")
     sc.add_argument("--examples", action="store_true", help="also route the UK prime minister examples")
     sc.add_argument("--examples-threshold", type=float, default=None)
     sc.add_argument("--threads", type=int, default=2)

@@ -38,10 +38,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from app.selector.catalogue import (  # noqa: F401 - re-exported: the harness's names for them
-    PATTERNS_FILE, RELATION_QUESTIONS, SYNONYM_GROUPS, cut_template as _cut, group_of,
-)
-
+PATTERNS_FILE = Path(__file__).resolve().parents[1] / "data" / "pararel_patterns.jsonl"
 LAMA_FILE = Path(__file__).resolve().parents[1] / "data" / "lama_relations.jsonl"
 
 # Primary subject type of each ParaRel relation (Wikidata domain of the property).
@@ -72,6 +69,61 @@ EXTRA_TYPE_RELATIONS: dict[str, tuple[str, ...]] = {
     "concept": ("P495",),
 }
 DEFAULT_RELATIONS: tuple[str, ...] = ("P276", "P17", "P361", "P138")
+# Relations that share templates, or mean the same thing to a user, count as one relation: a
+# question of one of them is not a question about "another relation" of a subject whose other
+# member was edited (the scope head is trained with the same groups, scripts/train_scope.py).
+SYNONYM_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"P176", "P178"}),  # manufacturer / developer
+    frozenset({"P131", "P17", "P276", "P30"}),  # located in (admin. unit / country / location / continent)
+    frozenset({"P364", "P407"}),  # original language / language of work
+    frozenset({"P495", "P740"}),  # country of origin / formation location
+    frozenset({"P1303", "P136"}),  # "[X] plays": instrument / genre
+    frozenset({"P103", "P1412"}),  # native language / languages spoken
+)
+
+# Question forms per relation (written here; the scope head trains on them too): they name the relation
+# of a question-style edit prompt (zsRE's "What is [X]'s birthplace?") that no ParaRel template matches.
+RELATION_QUESTIONS: dict[str, list[str]] = {
+    "P101": ["What field does [X] work in?", "What is [X]'s field of work?", "What area does [X] specialize in?"],
+    "P103": ["What is the native language of [X]?", "What is [X]'s mother tongue?"],
+    "P106": ["What is [X]'s profession?", "What does [X] do for a living?", "What is the occupation of [X]?"],
+    "P108": ["Who does [X] work for?", "Who is [X]'s employer?"],
+    "P127": ["Who owns [X]?", "Who is the owner of [X]?"],
+    "P1303": ["What instrument does [X] play?", "Which instrument is [X] known for playing?"],
+    "P131": ["Where is [X] located?", "In which region is [X]?"],
+    "P17": ["In which country is [X]?", "Which country is [X] in?"],
+    "P30": ["Which continent is [X] on?", "On what continent is [X]?"],
+    "P136": ["What genre of music does [X] play?", "What is [X]'s musical genre?"],
+    "P1376": ["What is [X] the capital of?", "Which country has [X] as its capital?"],
+    "P138": ["Who is [X] named after?", "What is [X] named for?"],
+    "P140": ["What religion does [X] follow?", "What is the religion of [X]?"],
+    "P1412": ["What language does [X] speak?", "Which languages does [X] communicate in?"],
+    "P159": ["Where is [X] headquartered?", "Where are the headquarters of [X]?"],
+    "P176": ["Who makes [X]?", "Which company produces [X]?", "Who manufactures [X]?"],
+    "P178": ["Who developed [X]?", "Which company created [X]?"],
+    "P19": ["Where was [X] born?", "What is [X]'s birthplace?", "What is the place of birth of [X]?"],
+    "P190": ["What is the twin city of [X]?", "Which city is twinned with [X]?"],
+    "P20": ["Where did [X] die?", "What is the place of death of [X]?"],
+    "P264": ["What record label is [X] signed to?", "Which label represents [X]?"],
+    "P27": ["What is [X]'s citizenship?", "Which country is [X] a citizen of?", "What is the nationality of [X]?"],
+    "P279": ["What is [X] a subclass of?", "What kind of thing is [X]?"],
+    "P36": ["What is the capital of [X]?", "Which city is the capital of [X]?"],
+    "P361": ["What is [X] part of?", "What larger whole is [X] a part of?"],
+    "P364": ["What is the original language of [X]?", "What language was [X] made in?"],
+    "P407": ["What language is [X] written in?"],
+    "P37": ["What is the official language of [X]?", "What language is spoken in [X]?"],
+    "P39": ["What position does [X] hold?", "What office does [X] hold?"],
+    "P413": ["What position does [X] play?", "Which position does [X] play in?"],
+    "P449": ["Which network aired [X]?", "Where was [X] originally broadcast?"],
+    "P463": ["What organization is [X] a member of?", "Which group does [X] belong to?"],
+    "P47": ["Which countries border [X]?", "What does [X] share a border with?"],
+    "P495": ["What is the country of origin of [X]?", "Where does [X] come from?"],
+    "P740": ["Where was [X] founded?", "Where was [X] formed?"],
+    "P530": ["Which countries does [X] have diplomatic relations with?"],
+    "P937": ["Where did [X] work?", "Where does [X] work?"],
+    "P1001": ["Where is [X] a legal term?"],
+}
+
 _STOP = {"the", "a", "an", "of", "is", "was", "in", "to", "and", "by", "for", "on", "at", "as", "with", "which",
          "who", "what", "that", "x", "y", "did", "does", "do", "it", "its", "has", "have", "had", "be", "been",
          "are", "were", "from", "this", "name", "where", "when", "whom", "whose", "how"}
@@ -84,6 +136,14 @@ class Relation:
     label: str
     patterns: tuple[str, ...]  # every ParaRel pattern of the relation
     prompts: tuple[str, ...]  # patterns ending in [Y], cut before it: "[X] was born in"
+
+
+def _cut(pattern: str) -> str | None:
+    """The pattern up to a final ``[Y]`` (trailing punctuation aside); None when [Y] is not last."""
+    p = pattern.strip().rstrip(" .")
+    if not p.endswith("[Y]") or "[X]" not in p:
+        return None
+    return p[: -len("[Y]")].rstrip()
 
 
 @lru_cache(maxsize=1)
@@ -171,6 +231,14 @@ def subject_type(relations_: Sequence[str]) -> str | None:
     """The type most of the candidate relations' subjects have (first in order on a tie)."""
     kinds = [RELATION_TYPE[r] for r in relations_ if r in RELATION_TYPE]
     return max(kinds, key=kinds.count) if kinds else None
+
+
+def group_of(relation: str) -> str:
+    """The relation's synonym group ("P131+P17+P276+P30"), or the relation itself."""
+    for group in SYNONYM_GROUPS:
+        if relation in group:
+            return "+".join(sorted(group))
+    return relation
 
 
 def same_relation(a: Iterable[str], b: Iterable[str]) -> bool:

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from app.selector.catalogue import RelationCatalogue, default_catalogue
 from app.selector.encoders import Encoder, MemoEncoder, build_encoder, l2_normalise
 from app.selector.scope import ScopeHead, default_head, edit_relation_texts, query_relation_text
 
@@ -65,13 +64,6 @@ DEFAULT_PREFILTER = 64
 # Relation check: P(same relation) the best relation key of a named, fact-scoped edit needs
 # (docs/scope-notes.md: held-out CounterFact train routing, 200 edits per memory).
 DEFAULT_SCOPE_THRESHOLD = 0.5
-# Relation contrast: a named edit is also skipped when the query reads more like a catalogued
-# relation other than the edit's (``RelationCatalogue``) than like the edit's own texts, by more
-# than this margin (None: no contrast).
-DEFAULT_CONTRAST_MARGIN: float | None = None
-# A catalogued relation is "the edit's own" when one of its texts scores at least this against
-# one of the edit's relation keys; those are never the edit's competitors.
-CONTRAST_SAME = 0.5
 
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 
@@ -174,7 +166,6 @@ class Route:
     key_text: str | None = None
     subject_match: bool = False
     relation_score: float | None = None  # the relation check's score, when it was made
-    relation_contrast: float | None = None  # best score of another catalogued relation, when asked
 
 
 @dataclass(frozen=True)
@@ -242,8 +233,6 @@ class Selector:
         prefilter: int = DEFAULT_PREFILTER,
         scope_head: ScopeHead | None | str = "default",
         scope_threshold: float | None = None,
-        catalogue: RelationCatalogue | None | str = "default",
-        contrast_margin: float | None | str = "default",
     ):
         self.encoder = encoder if isinstance(encoder, MemoEncoder) else MemoEncoder(encoder)
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
@@ -256,9 +245,6 @@ class Selector:
         # "default": the shipped head when it fits the encoder (else None: no relation check)
         self.scope_head = default_head(encoder.name, encoder.dim) if scope_head == "default" else scope_head
         self.scope_threshold = DEFAULT_SCOPE_THRESHOLD if scope_threshold is None else float(scope_threshold)
-        self.catalogue = default_catalogue() if catalogue == "default" else catalogue
-        self.contrast_margin = DEFAULT_CONTRAST_MARGIN if contrast_margin == "default" else contrast_margin
-        self._competitors: dict[int, tuple[KeyRecord, np.ndarray]] = {}  # id(record) -> (record, [T] bool)
         self._lazy_relation: dict[int, tuple[KeyRecord, np.ndarray]] = {}  # id(record) -> (record, keys)
         self._lock = threading.Lock()
         self._records: dict[str, KeyRecord] = {}
@@ -350,7 +336,6 @@ class Selector:
         self._records = records
         live = {id(r) for r in records.values()}
         self._lazy_relation = {k: v for k, v in self._lazy_relation.items() if k in live}
-        self._competitors = {k: v for k, v in self._competitors.items() if k in live}
         self._snap = _Snapshot.build(list(records.values()), self.encoder.dim)
 
     def _check_dim(self, record: KeyRecord) -> None:
@@ -388,40 +373,33 @@ class Selector:
         if not passes.any():
             return None
         scores: dict[int, float] = {}
-        contrast: dict[int, float] = {}
         if self.scope_head is not None and named:
-            scores, contrast = self._relation_scores(snap, query, {int(e) for e in edits[passes] if int(e) in named})
+            scores = self._relation_scores(snap, query, {int(e) for e in edits[passes] if int(e) in named})
             for edit, score in scores.items():
-                if score < self.scope_threshold or self._contrasted(score, contrast.get(edit)):
+                if score < self.scope_threshold:
                     passes &= edits != edit
             if not passes.any():
                 return None
         best = int(np.argmax(np.where(passes, sims, -np.inf)))
         edit = int(edits[best])
         return Route(snap.edit_ids[edit], float(sims[best]), snap.key_texts[int(rows[best])], edit in named,
-                     scores.get(edit), contrast.get(edit))
-
-    def _contrasted(self, score: float, rival: float | None) -> bool:
-        """Another known relation fits the query better than the edit's own, by the margin."""
-        return rival is not None and self.contrast_margin is not None and rival > score + self.contrast_margin
+                     scores.get(edit))
 
     def relation_score(self, query: str, record: KeyRecord) -> float | None:
         """The relation check's score of ``query`` against one record (None: no check applies)."""
         if self.scope_head is None or not record.subject or record.scope != "fact":
             return None
         snap = _Snapshot.build([record], self.encoder.dim)
-        return self._relation_scores(snap, query, {0})[0].get(0)
+        return self._relation_scores(snap, query, {0}).get(0)
 
-    def _relation_scores(self, snap: _Snapshot, query: str, candidates: set[int]
-                         ) -> tuple[dict[int, float], dict[int, float]]:
-        """(P(same relation) per named, fact-scoped candidate edit, and with the contrast on, the
-        best score of a catalogued relation other than the edit's): one encoder call for the query
+    def _relation_scores(self, snap: _Snapshot, query: str, candidates: set[int]) -> dict[int, float]:
+        """P(same relation) per named, fact-scoped candidate edit: one encoder call for the query
         masked with each distinct subject (and the relation keys of records stored without)."""
         head = self.scope_head
         assert head is not None
         todo = [e for e in sorted(candidates) if snap.records[e].scope == "fact" and snap.records[e].subject]
         if not todo:
-            return {}, {}
+            return {}
         masked: dict[str, int] = {}  # masked query -> row in the batch
         texts: list[str] = []
         missing: dict[int, tuple[int, int]] = {}  # edit -> rows of its lazily computed relation keys
@@ -443,7 +421,6 @@ class Selector:
                 texts.extend(rel)
         vectors = self.encoder.encode(texts)
         out: dict[int, float] = {}
-        keys_of: dict[int, np.ndarray] = {}
         for e in todo:
             rec = snap.records[e]
             keys = rec.relation_vectors if rec.relation_vectors is not None else lazy.get(e)
@@ -451,34 +428,8 @@ class Selector:
                 lo, hi = missing[e]
                 keys = vectors[lo:hi]
                 self._lazy_relation[id(rec)] = (rec, keys)
-            keys_of[e] = keys
             out[e] = float(head.scores(keys, vectors[edit_query[e]]).max())
-        rivals: dict[int, float] = {}
-        if self.contrast_margin is not None and self.catalogue is not None and len(self.catalogue):
-            cat = self.catalogue.vectors(self.encoder)
-            per_query: dict[int, np.ndarray] = {}  # masked query row -> [T] scores of every entry
-            for e in todo:
-                row = edit_query[e]
-                if row not in per_query:
-                    per_query[row] = head.scores(cat, vectors[row])
-                others = self._competitor_mask(snap.records[e], keys_of[e], cat)
-                rivals[e] = float(per_query[row][others].max()) if others.any() else 0.0
-        return out, rivals
-
-    def _competitor_mask(self, rec: KeyRecord, keys: np.ndarray, cat: np.ndarray) -> np.ndarray:
-        """[T] bool: catalogue entries of relations other than the edit's (cached per record)."""
-        cached = self._competitors.get(id(rec))
-        if cached is not None and cached[0] is rec:
-            return cached[1]
-        assert self.catalogue is not None and self.scope_head is not None
-        n = len(cat)
-        same = self.scope_head.scores(np.repeat(keys, n, axis=0), np.tile(cat, (len(keys), 1)))
-        same = same.reshape(len(keys), n).max(0) >= CONTRAST_SAME
-        own = np.zeros(len(self.catalogue.group_names), dtype=bool)
-        own[self.catalogue.group_index[same]] = True
-        mask = ~own[self.catalogue.group_index]
-        self._competitors[id(rec)] = (rec, mask)
-        return mask
+        return out
 
     def _thresholds(self, snap: _Snapshot, edits: np.ndarray, named_edits: np.ndarray) -> np.ndarray:
         """Per candidate key, the similarity its edit needs under the rule."""
