@@ -199,3 +199,15 @@ def test_the_edit_ends_its_target_at_a_word_boundary(lm):
     # a target ending in punctuation needs no boundary
     groups, _, _ = build_groups(lm, EditRequest(PROMPT, "Paris.", modes=("completion",)), method.parse_config({}))
     assert not bool(groups[0].is_boundary.any())
+
+
+def test_context_sentences_put_whole_sentences_before_the_prompt_in_completion_form_only(lm):
+    from app.methods.pnp.method import CONTEXT_SENTENCES, training_prompts
+
+    cfg = get("pnp").parse_config({"context_sentences": 2, "subject_templates": 0})
+    req = EditRequest(PROMPT, TARGET)
+    assert training_prompts(req, cfg) == [PROMPT] + [f"{s} {PROMPT}" for s in CONTEXT_SENTENCES[:2]]
+    assert training_prompts(req, cfg, augment=False) == [PROMPT]  # the chat form trains the prompt alone
+    assert build_groups(lm, req, cfg)[1] - build_groups(lm, req, get("pnp").parse_config({"subject_templates": 0}))[1] == 2
+    with pytest.raises(Exception):
+        get("pnp").parse_config({"context_sentences": 9})

@@ -50,7 +50,7 @@ def zero_delta(lm: LM, modules: list[str], method: str, routed: bool) -> Delta:
 
 def _plain_groups(lm: LM, request: EditRequest):
     """The request's prompt and paraphrases in completion form, nothing added (no locality term)."""
-    cfg = PnPConfig(kl_weight=0.0, locality_prompts=0, subject_templates=0, context_prefixes=0, chat=False,
+    cfg = PnPConfig(kl_weight=0.0, locality_prompts=0, subject_templates=0, context_prefixes=0, context_sentences=0, chat=False,
                     end_boundary=False)
     plain = EditRequest(prompt=request.prompt, target=request.target, subject=request.subject,
                         paraphrases=list(request.paraphrases), modes=("completion",))

@@ -84,6 +84,14 @@ class PnPConfig(MethodConfig):
         "(from a built-in list) in front of the prompt, so the edit does not hinge on the prompt "
         "being the first words of the input.",
     )
+    context_sentences: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="Extra completion-form training prompts made by putting a whole unrelated sentence "
+        "(from a built-in list) in front of the prompt, as text that precedes a question in a document "
+        "does (CounterFact writes its rephrases so).",
+    )
     subject_templates: int = Field(
         default=6,
         ge=0,

@@ -51,6 +51,18 @@ CONTEXT_PREFIXES = (
     "To be precise,",
 )
 
+# Whole unrelated sentences for ``context_sentences``: text before the question, as in a document.
+CONTEXT_SENTENCES = (
+    "The report was published last spring.",
+    "Many visitors came to the old town that year.",
+    "The results were discussed at length.",
+    "It was a busy week for everyone.",
+    "The museum reopened after renovations.",
+    "Critics gave the album mixed reviews.",
+    "The meeting ended later than planned.",
+    "Several new roads were built in the area.",
+)
+
 # Generic frames for ``subject_templates``: the subject in varied positions and phrasings.
 SUBJECT_TEMPLATES = (
     "{s} is",
@@ -131,14 +143,14 @@ def init_delta(lm: LM, config: PnPConfig) -> Delta:
 
 def training_prompts(request: EditRequest, config: PnPConfig, augment: bool = True) -> list[str]:
     """The prompt and its paraphrases, and with ``augment`` the prompt after generic lead-ins
-    (``context_prefixes``) and the subject in generic frames (``subject_templates``)."""
+    (``context_prefixes``, ``context_sentences``) and the subject in generic frames (``subject_templates``)."""
     prompts: list[str] = []
     for p in [request.prompt, *request.paraphrases]:
         if p.strip() and p not in prompts:
             prompts.append(p)
     if not augment:
         return prompts
-    for prefix in CONTEXT_PREFIXES[: config.context_prefixes]:
+    for prefix in CONTEXT_PREFIXES[: config.context_prefixes] + CONTEXT_SENTENCES[: config.context_sentences]:
         prompts.append(f"{prefix} {request.prompt.lstrip()}")
     if request.subject and request.subject.strip():
         for frame in SUBJECT_TEMPLATES[: config.subject_templates]:
