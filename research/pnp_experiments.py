@@ -13,7 +13,7 @@ Sub-commands:
     The service simulated in-process: fit every edit with `pnp`, add its keys, keep all active,
     then route prompt / rephrase / locality prompt and score with the routed edit's delta.
 
-Run from the repository root, e.g. ``python scripts/pnp_experiments.py routing --split tune``.
+Run from the repository root, e.g. ``python research/pnp_experiments.py routing --split tune``.
 """
 
 from __future__ import annotations
