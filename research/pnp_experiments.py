@@ -344,6 +344,7 @@ def gen_match(lm, prompt: str, target: str, deltas) -> bool:
 
 def cmd_fit(args) -> None:
     from app.methods import get
+    from app.selector.scope import from_subject_sentence
 
     lm = load_lm(args.threads)
     method = get("pnp")
@@ -362,6 +363,8 @@ def cmd_fit(args) -> None:
             "ms": res.train_ms, "cpu_ms": cpu_ms, "steps": res.steps, "conv": res.info["converged"],
             "rel": s[0].all_correct, "gen": s[1].all_correct,
             "rel_gen": gen_match(lm, case.prompt, case.target, d), "gen_gen": gen_match(lm, case.rephrase, case.target, d),
+            # what the answer path's adapter reads: the rephrase from the sentence naming the subject
+            "gen_cut": gen_match(lm, from_subject_sentence(case.rephrase, case.subject), case.target, d),
             "loc_raw": base_loc == edit_loc,
         }
         rows.append(row)
@@ -377,7 +380,8 @@ def summarise_fit(rows: list[dict], label: str) -> None:
     print(f"{label}: n={len(rows)} fit wall p50 {ms[len(ms)//2]:.0f} ms p95 {ms[int(len(ms)*0.95)]:.0f} ms, "
           f"cpu p50 {cpu[len(cpu)//2]:.0f} ms p95 {cpu[int(len(cpu)*0.95)]:.0f} ms "
           f"steps {mean('steps'):.1f} converged {mean('conv'):.2f} | rel {mean('rel'):.3f} gen {mean('gen'):.3f} "
-          f"| greedy rel {mean('rel_gen'):.3f} gen {mean('gen_gen'):.3f} | adapter-alone locality {mean('loc_raw'):.3f}",
+          f"| greedy rel {mean('rel_gen'):.3f} gen {mean('gen_gen'):.3f} gen from the subject's sentence "
+          f"{mean('gen_cut') if all('gen_cut' in r for r in rows) else float('nan'):.3f} | adapter-alone locality {mean('loc_raw'):.3f}",
           flush=True)
 
 

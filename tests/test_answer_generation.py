@@ -151,3 +151,47 @@ def test_chat_answers_end_with_their_sentence_and_completions_go_on():
     assert sentence_end("Keir Starmer", " is the prime minister") is None
     assert sentence_end("Keir Starmer", " is the prime minister.") is None  # may still go on ("... minister.5")
     assert sentence_end("Keir Starmer", " is the prime minister.", final=True) == len(" is the prime minister.")
+
+
+def test_the_adapter_writes_from_heads_from_and_the_base_model_goes_on_after_the_whole_prompt(lm, edit):
+    """With ``heads_from`` (the query from the sentence naming the subject), the adapter writes the
+    target after that text; the base model then continues the *whole* prompt and the target."""
+    full = "Qq zz qq. " + PROMPT
+    n = 12
+    got = lm.generate_edited_rows([full], [TARGET], [edit], max_new_tokens=n, mode="completion",
+                                  heads_from=[PROMPT])[0]
+    target_ids = lm.target_ids(PROMPT, TARGET, "completion")
+    assert got.token_ids[: len(target_ids)] == target_ids and got.text.count(TARGET) == 1
+    ids = lm.prompt_ids(full, "completion") + target_ids
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=n - len(target_ids), do_sample=False,
+                                bad_words_ids=lm._target_forms(TARGET), pad_token_id=lm.tokenizer.pad_token_id)
+    tail = out[0, len(ids):].tolist()
+    eos = lm._stop_ids()
+    tail = tail[: next((i for i, t in enumerate(tail) if t in eos), len(tail))]
+    assert got.token_ids[len(target_ids):] == tail
+    with pytest.raises(ValueError):
+        lm.generate_edited_rows([full], [TARGET], [edit], heads_from=[])
+
+
+def test_a_head_text_that_does_not_give_the_target_falls_back_to_the_whole_prompt(lm, edit, other_edit):
+    # other_edit writes "Danube" after its own prompt; asked to write TARGET from there it cannot.
+    head = "The river of Sylvania is the"
+    alone = lm.generate([head], max_new_tokens=10, mode="completion", deltas=[other_edit])[0]
+    assert TARGET.casefold() not in alone.text.casefold()
+    with_head = lm.generate_edited_rows([PROMPT], [TARGET], [other_edit], max_new_tokens=10, mode="completion",
+                                        heads_from=[head])[0]
+    plain = lm.generate_edited_rows([PROMPT], [TARGET], [other_edit], max_new_tokens=10, mode="completion")[0]
+    assert with_head.token_ids == plain.token_ids
+
+
+def test_head_text_starts_at_the_sentence_naming_the_subject():
+    from app.services.answers import Routed, head_text
+
+    routed = Routed("e1", 0.9, "Sega")
+    assert head_text("The game got good reviews. Sega is owned by", routed) == "Sega is owned by"
+    assert head_text("Who owns Sega? Tell me.", routed) == "Who owns Sega? Tell me."
+    assert head_text("Nothing about it. Really.", routed) == "Nothing about it. Really."
+    assert head_text("The game got good reviews. Sega is owned by", Routed("e1", 0.9)) == (
+        "The game got good reviews. Sega is owned by")

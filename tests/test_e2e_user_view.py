@@ -15,7 +15,8 @@ from tests.conftest import ADMIN, EDITOR, READER, auth
 pytestmark = pytest.mark.e2e
 
 EDIT = {"prompt": "The UK prime minister is", "target": "Keir Starmer", "subject": "UK prime minister"}
-ASKS_THE_FACT = ["The UK prime minister is", "Who is the UK prime minister?"]
+ASKS_THE_FACT = ["The UK prime minister is", "Who is the UK prime minister?",
+                 "It rained all week in London. The UK prime minister is"]
 # Another relation of the same subject. ("Tell me about the UK prime minister's party" still reaches
 # the edit: the relation check knows office holders from a handful of frames; docs/scope-notes.md.)
 OTHER_FACTS = ["The UK prime minister was born in"]

@@ -218,22 +218,41 @@ class LM:
         seed: int | None = None,
         slack: int = 8,
         end: AnswerEnd | None = None,
+        heads_from: Sequence[str] | None = None,
     ) -> list[Generation]:
         """``generate_edited`` for a batch of answers of different edits, in one batch: row i is
         written by ``row_deltas[i]`` (with ``deltas`` on every row) until ``targets[i]`` is written,
         then by the base model, which never writes that row's target again. Each row is answered
-        as it would be alone."""
+        as it would be alone.
+
+        ``heads_from``: per row, the text the adapter writes the target after (by default the
+        prompt itself), e.g. the prompt from the sentence that names the edit's subject; the base
+        model then goes on after the whole prompt and what was written. A row whose adapter does
+        not write its target from there is written from the whole prompt instead."""
         mode = mode or self.default_mode()
         end = end or ("sentence" if mode == "chat" else "budget")
         targets = [t.strip() for t in targets]
         if not all(targets):
             raise ValueError("every row of an edited answer needs its target")
+        if heads_from is not None and len(heads_from) != len(prompts):
+            raise ValueError("prompts and heads_from differ in length")
         ids = [self.prompt_ids(p, mode) for p in prompts]
+        head_ids = ids if heads_from is None else [
+            self.prompt_ids(h, mode) if h != p else i for h, p, i in zip(heads_from, prompts, ids)]
         sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         budgets = [min(max_new_tokens, len(self.target_ids(p, t, mode)) + slack) for p, t in zip(prompts, targets)]
-        stop = _TargetWritten(self, targets, [len(i) for i in ids])
+        stop = _TargetWritten(self, targets, [len(i) for i in head_ids])
         with self._lock:
-            first = self._generate_ids(ids, budgets, deltas, row_deltas=row_deltas, stopping=stop)
+            first = self._generate_ids(head_ids, budgets, deltas, row_deltas=row_deltas, stopping=stop)
+            retry = [i for i, row in enumerate(first)
+                     if head_ids[i] is not ids[i] and self._target_end(row, targets[i]) is None]
+            if retry:  # the adapter did not write the target after the cut: the whole prompt, as before
+                again = self._generate_ids([ids[i] for i in retry], [budgets[i] for i in retry], deltas,
+                                           row_deltas=[row_deltas[i] for i in retry],
+                                           stopping=_TargetWritten(self, [targets[i] for i in retry],
+                                                                   [len(ids[i]) for i in retry]))
+                for i, row in zip(retry, again):
+                    first[i] = row
             written, heads = [], []
             for row, target in zip(first, targets):
                 cut = self._target_end(row, target)

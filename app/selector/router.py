@@ -166,6 +166,7 @@ class Route:
     key_text: str | None = None
     subject_match: bool = False
     relation_score: float | None = None  # the relation check's score, when it was made
+    subject: str | None = None  # the edit's subject
 
 
 @dataclass(frozen=True)
@@ -383,7 +384,7 @@ class Selector:
         best = int(np.argmax(np.where(passes, sims, -np.inf)))
         edit = int(edits[best])
         return Route(snap.edit_ids[edit], float(sims[best]), snap.key_texts[int(rows[best])], edit in named,
-                     scores.get(edit))
+                     scores.get(edit), snap.records[edit].subject)
 
     def relation_score(self, query: str, record: KeyRecord) -> float | None:
         """The relation check's score of ``query`` against one record (None: no check applies)."""

@@ -96,6 +96,18 @@ def subject_sentence(masked: str, placeholder: str = PLACEHOLDER) -> str:
     return masked[start:]
 
 
+def from_subject_sentence(text: str, subject: str | None) -> str:
+    """``text`` from the start of the sentence that first names ``subject`` (unmasked): what a
+    query says before that sentence ("The game received good reviews. Sega is owned by") is
+    context, not the question. A text that does not name the subject comes back whole."""
+    masked = mask_subject(text, subject)
+    if masked == text:
+        return text
+    cut = subject_sentence(masked)
+    # Masking changes nothing before the first mention, so the cut's offset holds in ``text``.
+    return text[len(masked) - len(cut):]
+
+
 def edit_relation_texts(texts: list[str], subject: str, target: str | None = None) -> list[str]:
     """The edit side of the relation check: each text with the subject masked (from the sentence
     that names it), the target appended when known ("Toko Yasuda, the" + "piano" -> "X, the piano")."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from app.lm.engine import LM, AnswerEnd, Mode
+from app.selector.scope import from_subject_sentence
 from app.services.deltas import DeltaCache
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ class ScoreResult:
 class Routed:
     edit_id: str | None
     similarity: float | None
+    subject: str | None = None  # the routed edit's subject
+
+
+def head_text(query: str, route: Routed) -> str:
+    """What the routed edit's adapter writes its target after: the query from the sentence that
+    names the edit's subject (context before it is left to the base model's continuation)."""
+    return from_subject_sentence(query, route.subject) if route.subject else query
 
 
 class AnswerService:
@@ -49,7 +57,8 @@ class AnswerService:
 
     def route(self, queries: Sequence[str]) -> list[Routed]:
         routes = self.selector.route_many(list(queries))
-        return [Routed(r.edit_id, float(r.similarity)) if r is not None else Routed(None, None) for r in routes]
+        return [Routed(r.edit_id, float(r.similarity), r.subject) if r is not None else Routed(None, None)
+                for r in routes]
 
     def _groups(self, queries: Sequence[str]):
         """Indices grouped by the delta that serves them (None: the base model)."""
@@ -113,7 +122,7 @@ class AnswerService:
             # target, the base model the rest of every row.
             gens = self.lm.generate_edited_rows(
                 [queries[i] for i in edited], targets, row_deltas, max_new_tokens=max_new_tokens, mode=mode,
-                end=end, **sampling)
+                end=end, heads_from=[head_text(queries[i], routes[i]) for i in edited], **sampling)
             for i, g in zip(edited, gens):
                 texts[i] = g.text.strip()
         ms = (time.perf_counter() - t0) * 1000
@@ -140,8 +149,10 @@ class AnswerService:
         out: list[ScoreResult | None] = [None] * len(prompts)
         for edit_id, idx in groups.items():
             delta = self._serving(edit_id)
+            # A routed edit writes its target after the sentence that names its subject (``answer``).
             scores = self.lm.score(
-                [prompts[i] for i in idx], [targets[i] for i in idx], mode=mode,
+                [head_text(prompts[i], routes[i]) if delta is not None else prompts[i] for i in idx],
+                [targets[i] for i in idx], mode=mode,
                 modes=[modes[i] for i in idx] if modes is not None else None,
                 deltas=[delta] if delta is not None else None,
             )
