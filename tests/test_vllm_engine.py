@@ -98,7 +98,9 @@ def test_vllm_engine_answers_as_the_local_engine_and_follows_edits(service, real
     r = client.post("/edits", json=edit, headers=auth(EDITOR))
     assert r.status_code == 201, r.text
     edit_id = r.json()["id"]
-    for q, mode in [(edit["prompt"], "completion"), (edit["prompt"], "chat"), ("Where is the Eiffel Tower?", "chat")]:
+    context = "We spent a week in France. " + edit["prompt"]  # the adapter writes from the second sentence
+    for q, mode in [(edit["prompt"], "completion"), (edit["prompt"], "chat"), ("Where is the Eiffel Tower?", "chat"),
+                    (context, "completion"), (context, "chat")]:
         got = _answer(client, q, mode)
         want = local.answer([q], max_new_tokens=12, mode=mode)[0]
         assert got["edit_id"] == edit_id == want.edit_id and got["answer"] == want.answer

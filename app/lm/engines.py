@@ -169,22 +169,28 @@ class VLLMEngine:
         return row[:cut]
 
     def generate_edited(self, prompts: Sequence[str], target: str, *, adapter: str | None, max_new_tokens: int,
-                        mode: str, end: str | None = None) -> list[EditedText]:
+                        mode: str, end: str | None = None,
+                        heads_from: Sequence[str] | None = None) -> list[EditedText]:
         """``end``: "sentence" cuts the base model's part at the end of the sentence the target
         began, as the local engine's ``generate_edited`` does; else the base model writes up to
-        ``max_new_tokens``."""
+        ``max_new_tokens``. ``heads_from``: per prompt, the text the adapter writes the target
+        after (the local engine's ``generate_edited_rows``), else the prompt itself."""
         lm = self.lm
         target = target.strip()
         out = []
-        for prompt in prompts:
+        for k, prompt in enumerate(prompts):
             ids = lm.prompt_ids(prompt, mode)
+            head_from = heads_from[k] if heads_from is not None else prompt
             if not adapter or not target:  # plain generation, with the adapter throughout when there is one
                 row = self._complete(adapter or self.model, ids, max_new_tokens)
                 out.append(EditedText(lm.tokenizer.decode(row, skip_special_tokens=True), row))
                 continue
             budget = min(max_new_tokens, len(lm.target_ids(prompt, target, mode)) + self.slack)
             stops = target_spellings(target)
-            first = self._complete(adapter, ids, budget, stop=stops, include_stop_str_in_output=True)
+            first = self._complete(adapter, lm.prompt_ids(head_from, mode) if head_from != prompt else ids, budget,
+                                   stop=stops, include_stop_str_in_output=True)
+            if head_from != prompt and lm._target_end(first, target) is None:  # as before: the whole prompt
+                first = self._complete(adapter, ids, budget, stop=stops, include_stop_str_in_output=True)
             cut = lm._target_end(first, target)
             if cut is None or cut >= max_new_tokens:
                 out.append(EditedText(lm.tokenizer.decode(first, skip_special_tokens=True), first))

@@ -103,7 +103,7 @@ class AnswerService:
             target = (delta.meta.get("target") or "").strip() if delta is not None else ""
             if remote:
                 gens = self._remote([queries[i] for i in idx], target, edit_id if delta is not None else None,
-                                    max_new_tokens, mode, end)
+                                    max_new_tokens, mode, end, [head_text(queries[i], routes[i]) for i in idx])
                 if gens is not None:
                     for i, g in zip(idx, gens):
                         texts[i] = g.text.strip()
@@ -128,14 +128,14 @@ class AnswerService:
         ms = (time.perf_counter() - t0) * 1000
         return [Answer(t, r.edit_id, r.similarity, self.lm.name, ms) for t, r in zip(texts, routes)]
 
-    def _remote(self, prompts, target, edit_id, max_new_tokens, mode, end=None):
+    def _remote(self, prompts, target, edit_id, max_new_tokens, mode, end=None, heads_from=None):
         """The engine's answers, or None when it cannot give them (the local model answers).
         ``end``: how the edited answer ends, as the local engine's ``generate_edited`` takes it."""
         from app.lm.engines import EngineUnavailable
 
         try:
             return self.engine.generate_edited(prompts, target, edit_id=edit_id, max_new_tokens=max_new_tokens,
-                                               mode=mode, end=end)
+                                               mode=mode, end=end, heads_from=heads_from)
         except (EngineUnavailable, ImportError) as exc:
             log.warning("the generation engine failed (%s); the local model answers", exc)
             self.engine.last_error = str(exc)[:300]

@@ -76,14 +76,14 @@ class EngineService:
             self.engine.load_adapter(edit_id, self.adapter_dir(edit_id).resolve())
 
     def generate_edited(self, prompts, target: str, *, edit_id: str | None, max_new_tokens: int, mode: str,
-                        end: str | None = None):
+                        end: str | None = None, heads_from=None):
         """The engine's answers; one retry when the server lost the adapter (it restarted)."""
         for attempt in (0, 1):
             try:
                 if edit_id:
                     self.ensure(edit_id)
                 out = self.engine.generate_edited(prompts, target, adapter=edit_id, max_new_tokens=max_new_tokens,
-                                                  mode=mode, end=end)
+                                                  mode=mode, end=end, heads_from=heads_from)
                 self.last_error = None
                 return out
             except AdapterMissing:
