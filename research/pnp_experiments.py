@@ -349,7 +349,11 @@ def cmd_fit(args) -> None:
     lm = load_lm(args.threads)
     method = get("pnp")
     config = method.parse_config(json.loads(args.config))
-    cases = cf_cases(CF_TRAIN, args.start, args.n) if args.dataset == "cf" else zsre_cases(500 + args.start, args.n)
+    if args.context_only:  # rephrases with a sentence of context before the one naming the subject
+        pool = cf_cases(CF_TRAIN, args.start, 100_000) if args.dataset == "cf" else zsre_cases(500 + args.start, 100_000)
+        cases = [c for c in pool if from_subject_sentence(c.rephrase, c.subject) != c.rephrase][: args.n]
+    else:
+        cases = cf_cases(CF_TRAIN, args.start, args.n) if args.dataset == "cf" else zsre_cases(500 + args.start, args.n)
     rows = []
     for case in cases:
         c0 = time.process_time()
@@ -755,6 +759,8 @@ def main() -> None:
     f.add_argument("--n", type=int, default=30)
     f.add_argument("--config", default="{}", help="PnPConfig overrides as JSON")
     f.add_argument("--verbose", action="store_true")
+    f.add_argument("--context-only", action="store_true",
+                   help="only records whose rephrase has context before the sentence naming the subject")
     f.add_argument("--threads", type=int, default=1)
     f.set_defaults(func=cmd_fit)
     lk_ = sub.add_parser("leak")
