@@ -133,3 +133,15 @@ def test_score_rows_may_mix_forms_in_one_batch(real_lm):
     assert mixed[0].logprob != pytest.approx(mixed[1].logprob, abs=1e-3)  # the forms really differ
     with pytest.raises(ValueError):
         real_lm.score(prompts, targets, modes=["completion"])
+
+
+def test_length_batches_keep_every_row_once_and_short_rows_apart_from_long_ones():
+    from app.lm.engine import _length_batches
+
+    lengths = [40, 6, 7, 38, 5, 90, 12]
+    batches = _length_batches(lengths, batch_size=32)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    where = {i: k for k, b in enumerate(batches) for i in b}
+    assert where[1] == where[2] == where[4] and where[0] == where[3]  # 5-7 together, 38-40 together
+    assert where[1] != where[0] and where[5] != where[0]  # short rows never padded to 40 or 90
+    assert all(len(b) <= 2 for b in _length_batches([5] * 5, batch_size=2))

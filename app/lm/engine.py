@@ -405,10 +405,10 @@ class LM:
 
     @torch.inference_mode()
     def score_ids(self, pairs, *, deltas=None, batch_size: int = 32) -> list[Score]:
-        results: list[Score] = []
+        results: list[Score | None] = [None] * len(pairs)
         with self._lock, self.active(deltas):
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
+            for idx in _length_batches([len(p) + len(t) for p, t in pairs], batch_size):
+                chunk = [pairs[i] for i in idx]
                 seqs = [p + t for p, t in chunk]
                 input_ids, attn = self._pad(seqs, left=False)
                 # Only the positions that predict a target token go through the vocabulary projection.
@@ -418,17 +418,17 @@ class LM:
                 logits = self.kept_logits(input_ids, attn, keep)
                 logp = torch.log_softmax(logits, dim=-1)
                 at = 0
-                for p, t in chunk:
+                for i, (p, t) in zip(idx, chunk):
                     if not t:
-                        results.append(Score(0.0, [], []))
+                        results[i] = Score(0.0, [], [])
                         continue
                     rows = slice(at, at + len(t))
                     at += len(t)
                     tgt = torch.tensor(t, device=logits.device)
                     lp = logp[rows].gather(-1, tgt[:, None]).squeeze(-1)
                     correct = logits[rows].argmax(-1).eq(tgt)
-                    results.append(Score(float(lp.sum()), lp.tolist(), correct.tolist()))
-        return results
+                    results[i] = Score(float(lp.sum()), lp.tolist(), correct.tolist())
+        return results  # type: ignore[return-value]
 
     def kept_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Float logits at the ``keep`` positions only ([n_keep, vocab], row-major order): models that
@@ -475,6 +475,23 @@ class LM:
                 ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
                 attn[i, : len(s)] = 1
         return ids.to(self.device), attn.to(self.device)
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int, slack: int = 8) -> list[list[int]]:
+    """Indices in batches of similar length (shortest first): a batch is padded to its longest row,
+    so a short completion-form row beside a long chat-form one would cost the long row's compute.
+    A row joins the current batch while it is at most ``slack`` tokens or twice as long as the
+    batch's shortest row."""
+    out: list[list[int]] = []
+    shortest = 0
+    for i in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        n = lengths[i]
+        if out and len(out[-1]) < batch_size and (n <= shortest + slack or n <= 2 * shortest):
+            out[-1].append(i)
+        else:
+            out.append([i])
+            shortest = n
+    return out
 
 
 AnswerEnd = Literal["sentence", "budget"]

@@ -49,12 +49,15 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
     passes, holds, base_holds = 0, False, False
     embeds = None
     while passes < loop:
+        if delta is not None:  # does the update hold already? a forward without gradients says so
+            with torch.no_grad(), lm.active([delta]):
+                _, held = E.target_nll(E.batch_logits(lm, batch), batch)
+            if bool(held.all()):
+                holds = True
+                break
         factors, held, first = E.edit_gradients(lm, editor.paths, batch, [delta] if delta is not None else [])
         if delta is None:
             base_holds = bool(held[0])  # row 0: the prompt in completion form, before any update
-        if delta is not None and bool(held.all()):
-            holds = True
-            break
         if embeds is None:
             current = lm.tokenizer.decode([int(first[0])])
             embeds = E.condition_embeds(lm, request.prompt, current, request.target)
