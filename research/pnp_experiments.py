@@ -678,6 +678,67 @@ def cmd_scope(args) -> None:
         print(f"  scope=subject: 'The UK prime minister was born in' -> {r.edit_id if r else None}")
 
 
+def cmd_typecheck(args) -> None:
+    """A second check after the relation check, with the base model: does the edit's target fit the
+    query's slot about as well as it fits the edit's own prompt? For every query the selector routes
+    to an edit (held-out CounterFact train memory, as ``scope``), the base model's mean log-probability
+    of the target's tokens after the query against after the edit's prompt; a route is dropped when it
+    is lower by more than the margin. Counts per set as ``scope`` does."""
+    from types import SimpleNamespace
+
+    from app.eval.pararel import locality_conflicts, plan_subject_queries
+    from app.selector.router import Selector
+    from app.selector.scope import HEAD_PATH, ScopeHead
+
+    lm = load_lm(args.threads)
+    head = ScopeHead.load(HEAD_PATH)
+    recs = json.loads(CF_TRAIN.read_text())[args.start : args.start + args.n]
+    enc = CachedEncoder()
+    sel = Selector(enc, scope_head=head)
+    keyed = []
+    for i, r in enumerate(recs):
+        rec = sel.keys_for(r["prompt"], (), r["subject"], target=r["target_new"])
+        rec.edit_id = str(i)
+        keyed.append(rec)
+    sel.add_many(keyed)
+    cases = [SimpleNamespace(case_id=str(r.get("case_id", i)), prompt=r["prompt"], subject=r["subject"], relation=None,
+                             locality_prompt=r["locality_prompt"]) for i, r in enumerate(recs)]
+    planned, rel_of = plan_subject_queries(cases, k=2, seed=0)
+    asks = locality_conflicts(cases, rel_of)
+    sets = {
+        "prompt": [(r["prompt"], str(i)) for i, r in enumerate(recs)],
+        "rephrase": [(r["rephrase_prompt"], str(i)) for i, r in enumerate(recs)],
+        "same-h": [(q.prompt, None) for qs in planned for q in qs],
+        "loc-h": [(r["locality_prompt"], None) for r, a in zip(recs, asks) if a is None],
+    }
+
+    def mean_logp(prompts: list[str], targets: list[str]) -> list[float]:
+        out = lm.score(prompts, targets, mode=args.mode)
+        return [s.logprob / max(1, len(s.token_logprobs)) for s in out]
+
+    own = mean_logp([r["prompt"] for r in recs], [r["target_new"] for r in recs])
+    table = {m: {} for m in [None, *args.margins]}
+    for name, qs in sets.items():
+        routes = sel.route_many([q for q, _ in qs])
+        hit = [(k, int(r.edit_id)) for k, r in enumerate(routes) if r is not None]
+        lp = mean_logp([qs[k][0] for k, _ in hit], [recs[e]["target_new"] for _, e in hit]) if hit else []
+        gap = {k: own[e] - v for (k, e), v in zip(hit, lp)}  # how much worse the target fits the query
+        for m in table:
+            ok = []
+            for k, (r, (_, want)) in enumerate(zip(routes, qs)):
+                got = r.edit_id if r is not None and (m is None or gap[k] <= m) else None
+                ok.append(got == want)
+            table[m][name] = float(np.mean(ok))
+        if args.verbose:
+            for k, e in hit:
+                print(f"  [{name}] gap {gap[k]:+.2f} {qs[k][0]!r} -> {recs[e]['prompt']!r} ({recs[e]['target_new']})")
+    names = list(sets)
+    print("| type check margin | " + " | ".join(f"{n} (n={len(sets[n])})" for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for m, row in table.items():
+        print(f"| {'off' if m is None else f'{m:.1f}'} | " + " | ".join(f"{row[n]:.3f}" for n in names) + " |")
+
+
 def cmd_rescore(args) -> None:
     """A stored sequential eval run counted again with today's subject-question and locality rules
     (app/eval/pararel.py), from its stored answers: the questions it asked are rebuilt with the
@@ -805,6 +866,14 @@ def main() -> None:
     sc.add_argument("--examples-threshold", type=float, default=None)
     sc.add_argument("--threads", type=int, default=2)
     sc.set_defaults(func=cmd_scope)
+    tc = sub.add_parser("typecheck", help="relation check, then the base model's fit of the target to the query")
+    tc.add_argument("--start", type=int, default=8000)
+    tc.add_argument("--n", type=int, default=1000)
+    tc.add_argument("--margins", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0])
+    tc.add_argument("--mode", choices=["completion", "chat"], default="completion")
+    tc.add_argument("--verbose", action="store_true")
+    tc.add_argument("--threads", type=int, default=1)
+    tc.set_defaults(func=cmd_typecheck)
     rs = sub.add_parser("rescore", help="a stored eval run counted with today's subject and locality rules")
     rs.add_argument("run", help="the run's folder (results.json)")
     rs.add_argument("--planned-at", required=True, help="the commit the run was made at")
