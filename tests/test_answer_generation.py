@@ -19,6 +19,18 @@ def edit(lm):
     return result.delta
 
 
+def base_continuation(lm, ids: list[int], n: int) -> list[int]:
+    """The base model's greedy continuation of ``ids`` (``n`` tokens at most, cut at the end of text),
+    never writing TARGET: what the answer path's second step must give after the written target."""
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=n, do_sample=False,
+                                bad_words_ids=lm._target_forms(TARGET), pad_token_id=lm.tokenizer.pad_token_id)
+    tail = out[0, len(ids):].tolist()
+    eos = lm._stop_ids()
+    return tail[: next((i for i, t in enumerate(tail) if t in eos), len(tail))]
+
+
 def test_the_delta_keeps_its_target_for_the_answer_path(edit):
     assert edit.meta["target"] == TARGET
     from app.delta import Delta
@@ -36,14 +48,7 @@ def test_the_adapter_writes_the_target_and_the_base_model_the_rest(lm, edit):
     assert answer.text.count(TARGET) == 1
     # After the target: the base model's own continuation of the prompt and the target, with the
     # target itself never written again.
-    ids = lm.prompt_ids(PROMPT, "completion") + target_ids
-    with torch.no_grad():
-        out = lm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n - len(target_ids), do_sample=False,
-                                bad_words_ids=lm._target_forms(TARGET), pad_token_id=lm.tokenizer.pad_token_id)
-    base_tail = out[0, len(ids):].tolist()
-    eos = lm._stop_ids()
-    base_tail = base_tail[: next((i for i, t in enumerate(base_tail) if t in eos), len(base_tail))]
+    base_tail = base_continuation(lm, lm.prompt_ids(PROMPT, "completion") + target_ids, n - len(target_ids))
     assert answer.token_ids[len(target_ids):] == base_tail
     assert len(answer.token_ids) <= n
 
@@ -162,14 +167,7 @@ def test_the_adapter_writes_from_heads_from_and_the_base_model_goes_on_after_the
                                   heads_from=[PROMPT])[0]
     target_ids = lm.target_ids(PROMPT, TARGET, "completion")
     assert got.token_ids[: len(target_ids)] == target_ids and got.text.count(TARGET) == 1
-    ids = lm.prompt_ids(full, "completion") + target_ids
-    with torch.no_grad():
-        out = lm.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n - len(target_ids), do_sample=False,
-                                bad_words_ids=lm._target_forms(TARGET), pad_token_id=lm.tokenizer.pad_token_id)
-    tail = out[0, len(ids):].tolist()
-    eos = lm._stop_ids()
-    tail = tail[: next((i for i, t in enumerate(tail) if t in eos), len(tail))]
+    tail = base_continuation(lm, lm.prompt_ids(full, "completion") + target_ids, n - len(target_ids))
     assert got.token_ids[len(target_ids):] == tail
     with pytest.raises(ValueError):
         lm.generate_edited_rows([full], [TARGET], [edit], heads_from=[])

@@ -48,13 +48,15 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
     delta: Delta | None = None
     passes, holds, base_holds = 0, False, False
     embeds = None
+
+    def held_by(update: Delta) -> bool:  # a forward without gradients: is every target the argmax?
+        with torch.no_grad(), lm.active([update]):
+            return bool(E.target_nll(E.batch_logits(lm, batch), batch)[1].all())
+
     while passes < loop:
-        if delta is not None:  # does the update hold already? a forward without gradients says so
-            with torch.no_grad(), lm.active([delta]):
-                _, held = E.target_nll(E.batch_logits(lm, batch), batch)
-            if bool(held.all()):
-                holds = True
-                break
+        if delta is not None and held_by(delta):  # the update holds already: no further gradient
+            holds = True
+            break
         factors, held, first = E.edit_gradients(lm, editor.paths, batch, [delta] if delta is not None else [])
         if delta is None:
             base_holds = bool(held[0])  # row 0: the prompt in completion form, before any update
@@ -66,12 +68,10 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
                 factors = {p: E.Factors(f.x, f.g * scale) for p, f in factors.items()}
             delta = E.editor_delta(editor, embeds, factors, delta)
         passes += 1
-    if not holds and not check:
-        return delta, passes, None, base_holds
     if not holds:
-        with torch.no_grad(), lm.active([delta]):
-            _, held = E.target_nll(E.batch_logits(lm, batch), batch)
-        holds = bool(held.all())
+        if not check:
+            return delta, passes, None, base_holds
+        holds = held_by(delta)
     return delta, passes, holds, base_holds
 
 
