@@ -20,9 +20,10 @@ class KeConfig(MethodConfig):
         description="Multiplier of the predicted update (1: as the editor predicts it).",
     )
     chat: bool = Field(
-        default=False,
-        description="Also take the prompt's chat form into the gradient and the `loop` stop rule (the editor "
-        "is trained on completion form).",
+        default=True,
+        description="Also take the prompt's chat form into the gradient and the `loop` stop rule, when the model "
+        "has a chat template. Without it an edit seldom reaches chat answers (the service's default form): the "
+        "editor is trained on completion form (docs/ke-notes.md).",
     )
     routed: bool = Field(
         default=True,
