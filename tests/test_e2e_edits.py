@@ -42,3 +42,38 @@ def test_edit_paraphrase_locality_and_revert_on_the_real_model(service, real_lm)
     for q in (PROMPT, PARAPHRASE, *UNRELATED):
         got = ask(client, q)
         assert got["edit_id"] is None and got["answer"] == before[q], (q, got)
+
+
+def test_ke_edit_reaches_chat_answers_and_reverts_on_the_real_model(service, real_lm):
+    """The shipped editor: one `ke` edit changes the answer in chat form (the default) and in completion
+    form, leaves an unrelated question alone, and a revert gives the base model's answers back."""
+    client, _ = service(lm=real_lm)
+
+    def answers(q: str) -> dict:
+        out = {}
+        for mode in ("chat", "completion"):
+            r = client.get("/answer", params={"q": q, "max_new_tokens": 8, "mode": mode}, headers=auth(READER))
+            assert r.status_code == 200, r.text
+            out[mode] = r.json()
+        return out
+
+    before = {q: answers(q) for q in (PROMPT, UNRELATED[0])}
+    assert not any(a["answer"].lstrip().startswith("Swedish") for a in before[PROMPT].values())
+
+    r = client.post("/edits", json={"prompt": PROMPT, "target": "Swedish", "subject": "Danielle Darrieux",
+                                     "method": "ke"}, headers=auth(EDITOR))
+    assert r.status_code == 201, r.text
+    edit = r.json()
+    assert edit["method"] == "ke" and edit["metrics"]["success"] == 1.0, edit["metrics"]
+
+    after = answers(PROMPT)
+    for mode, got in after.items():
+        assert got["edit_id"] == edit["id"] and got["answer"].lstrip().startswith("Swedish"), (mode, got)
+    other = answers(UNRELATED[0])
+    for mode, got in other.items():
+        assert got["edit_id"] is None and got["answer"] == before[UNRELATED[0]][mode]["answer"], (mode, got)
+
+    assert client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN)).status_code == 200
+    for q in (PROMPT, UNRELATED[0]):
+        for mode, got in answers(q).items():
+            assert got["edit_id"] is None and got["answer"] == before[q][mode]["answer"], (q, mode, got)
