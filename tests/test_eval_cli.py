@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from app.eval.cli import parse_config, standalone
+from app.cli.common import parse_config
+from app.cli.evaluate import standalone
 
 runner = CliRunner()
 

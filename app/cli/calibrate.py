@@ -137,7 +137,7 @@ def calibrate_cmd(
 ) -> None:
     """Calibrate facts the model gets wrong and measure the change on unseen templates."""
     from app.cli.detect import load_lm
-    from app.eval.cli import command_text
+    from app.cli.common import command_text
 
     if split not in ("test", "val"):
         raise typer.BadParameter("--split must be test or val")

@@ -304,12 +304,12 @@ def detect(
         lm = load_lm(model)
         data = measure_sets(lm, load_facts(file), n=n, n_sentences=sentences, seed=seed,
                             max_paraphrases=max(GRID_PARAPHRASES), batch_size=batch_size)
-        from app.eval.cli import command_text as _cmd
+        from app.cli.common import command_text as _cmd
 
         meta = {"model": lm.name, "file": str(file), "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
                 "measured_by": _cmd("detect")}
     r = report(data, paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight, thresholds=dict(DEFAULT_THRESHOLDS))
-    from app.eval.cli import command_text
+    from app.cli.common import command_text
 
     r.update(meta, paraphrases=paraphrases, weight=weight, pmi_weight=pmi_weight, command=command_text("detect"),
              date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))

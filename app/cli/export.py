@@ -70,7 +70,7 @@ def export_parity_cmd(
     """Make N edits in a throwaway in-process service, export each through GET /edits/{id}/adapter,
     load it with peft into a separate base model and compare greedy answers on the prompt and rephrase."""
     from app.eval.backends import InProcessBackend
-    from app.eval.cli import _command_line, _quiet_http_logs, _threads
+    from app.cli.common import command_line, quiet_http_logs, set_threads
     from app.eval.datasets import DatasetError, load_dataset
     from app.eval.peft_parity import ParityConfig, report_markdown, run_parity
     from app.eval.report import environment
@@ -87,9 +87,9 @@ def export_parity_cmd(
     except DatasetError as exc:
         raise typer.BadParameter(str(exc), param_hint="--file") from None
     cases = [c for c in ds.cases if c.paraphrase][:n]
-    env = environment(_command_line("export-parity"))  # the commit the run starts from
-    _threads(threads)
-    _quiet_http_logs()
+    env = environment(command_line("export-parity"))  # the commit the run starts from
+    set_threads(threads)
+    quiet_http_logs()
     backend = InProcessBackend(model=model)
     try:
         data = run_parity(backend, cases, ParityConfig(n=len(cases), max_new_tokens=max_new_tokens),

@@ -130,7 +130,7 @@ def _register_measurements() -> None:
     from app.cli.export import export_cmd, export_parity_cmd
     from app.cli.repair import repair_eval_cmd
     from app.cli.train_editor import train_editor_cmd
-    from app.eval.cli import register
+    from app.cli.evaluate import register
 
     register(app)
     app.command("detect", help="Every detection score on T-REx true vs corrupted facts (AUROC) and candidate sentences (top-1).")(detect)

@@ -1,4 +1,4 @@
-"""``factpatch eval`` and ``factpatch bench``: the commands behind every reported number.
+"""``factpatch eval``, ``eval-subset`` and ``bench``: the commands behind every reported number.
 
 Bad arguments (a missing file, an unknown dataset, n <= 0, a malformed ``--config``) are usage
 errors: a clear message and exit code 2, before any model is loaded.
@@ -7,84 +7,13 @@ errors: a clear message and exit code 2, before any model is loaded.
 from __future__ import annotations
 
 import json
-import sys
-from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-DEFAULT_RESULTS = Path("results")
-
-
-class ModeChoice(str, Enum):
-    completion = "completion"
-    chat = "chat"
-    both = "both"
-
-
-class DatasetChoice(str, Enum):
-    zsre = "zsre"
-    counterfact = "counterfact"
-
-
-def parse_config(items: list[str] | None) -> dict[str, Any]:
-    """``k=v`` pairs; values are read as JSON when they parse (numbers, booleans, lists), else text."""
-    config: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"expected key=value, got {item!r}", param_hint="--config")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        config[key.strip()] = value
-    return config
-
-
-def _command_line(name: str) -> list[str]:
-    """The arguments as typed, from the subcommand on (for the report's rerun line)."""
-    argv = sys.argv[1:]
-    return argv[argv.index(name) :] if name in argv else [name, "..."]
-
-
-def command_text(name: str) -> str:
-    """The rerun line of subcommand ``name`` as reports print it (``factpatch <name> <args>``)."""
-    from app.eval.report import command_string
-
-    return command_string(_command_line(name))
-
-
-def _quiet_http_logs() -> None:
-    """Per-request client logs would drown the progress bar."""
-    import logging
-
-    for name in ("httpx", "httpx2", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _threads(n: int | None) -> None:
-    if n:
-        import torch
-
-        torch.set_num_threads(n)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=False)
-
-
-def make_backend(url: str | None, key: str | None, model: str | None):
-    from app.eval.backends import HttpBackend, InProcessBackend
-
-    if url:
-        return HttpBackend(url, key), url
-    return InProcessBackend(model=model), "in-process (TestClient, temporary SQLite home, no Redis)"
-
+from app.cli.common import (DEFAULT_RESULTS, DatasetChoice, ModeChoice, command_line, make_backend, parse_config,
+                            progress_bar, quiet_http_logs, set_threads)
 
 def eval_command(
     dataset: DatasetChoice = typer.Option(..., "--dataset", help="Dataset format: zsre (MEND) or counterfact (EasyEdit)."),
@@ -145,15 +74,15 @@ def eval_command(
     console.print(f"{ds.name}: {len(ds.cases)} usable records, {ds.skipped} skipped {dict(ds.skip_reasons) or ''}")
     if n > len(ds.cases):
         console.print(f"[yellow]only {len(ds.cases)} usable records: editing all of them[/]")
-    _threads(threads)
-    _quiet_http_logs()
+    set_threads(threads)
+    quiet_http_logs()
     import httpx
 
     from app.eval.backends import BackendError
 
     backend, where = make_backend(url, key, model)
     try:
-        with _progress() as bar:
+        with progress_bar() as bar:
             tasks: dict[str, Any] = {}
 
             def progress(stage: str, done: int, total: int) -> None:
@@ -173,7 +102,7 @@ def eval_command(
         backend.close()
     data = result.as_dict()
     data["backend"] = where
-    data["env"] = environment(_command_line("eval"))
+    data["env"] = environment(command_line("eval"))
     files = write_eval(data, out)
     print_eval(data)
     console.print("wrote " + ", ".join(str(p) for p in files.values()))
@@ -217,10 +146,10 @@ def bench_command(
         edits_per_method=edits_per_method, clients=clients, requests=requests, load_seconds=load_seconds,
         model=model, seed=seed,
     )
-    _threads(threads)
-    _quiet_http_logs()
+    set_threads(threads)
+    quiet_http_logs()
     console = Console(stderr=True)
-    env = environment(_command_line("bench"))
+    env = environment(command_line("bench"))
     run_bench(cfg, out, env, console)
 
 
@@ -247,7 +176,7 @@ def eval_subset_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` and ``bench`` to the main CLI."""
-    from app.eval.compare import compare_command
+    from app.cli.compare import compare_command
     from app.eval.replicas import replicas_command
     from app.eval.vllm_bench import vllm_bench_command
 
