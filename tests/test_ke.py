@@ -105,6 +105,33 @@ def test_ke_edit_changes_the_answer_and_nothing_when_inactive(lm, trained):
         E.attach(lm, None)
 
 
+def test_unset_scale_is_stronger_for_a_routed_edit_than_for_a_global_one(lm, trained):
+    """Unset `scale`: a routed edit reads the gradient doubled (the selector guards other queries), a
+    global one as trained; an explicit `scale` wins either way."""
+    from app.methods import EditRequest, get
+    from app.methods.ke import editor as E
+
+    out, _ = trained
+    E.attach(lm, E.load_editor(out / "editor.safetensors"))
+    try:
+        method = get("ke")
+        req = EditRequest(prompt=FACTS[1][0], target=FACTS[1][1])
+
+        def update(config: dict) -> dict:
+            fit = method.fit(lm, req, method.parse_config({"loop": 1, "chat": False, **config}))
+            return fit.delta.tensors
+
+        def same(a: dict, b: dict) -> bool:
+            return a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+
+        routed, global_ = update({}), update({"routed": False})
+        assert same(routed, update({"scale": 2.0})) and same(global_, update({"routed": False, "scale": 1.0}))
+        assert not same(routed, global_)
+        assert same(update({"routed": False, "scale": 2.0}), routed)
+    finally:
+        E.attach(lm, None)
+
+
 @pytest.mark.parametrize("name", ["ft", "ft_constrained"])
 def test_fine_tuning_baselines_write_the_target_as_a_dense_delta(lm, name):
     from app.methods import EditRequest, get

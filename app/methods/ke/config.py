@@ -7,6 +7,9 @@ from pydantic import Field
 from app.methods.base import MethodConfig
 
 
+ROUTED_SCALE = 2.0  # the unset `scale` of a routed edit (docs/ke-notes.md, "Scale")
+
+
 class KeConfig(MethodConfig):
     """The editor itself is trained beforehand (``factpatch train-editor``); an edit is one pass of it."""
 
@@ -15,9 +18,11 @@ class KeConfig(MethodConfig):
         description="The `+loop` variant: apply the editor again (on the gradient at the edited weights) while "
         "the target is not yet the argmax on the prompt, at most this many passes in all (1: the plain editor).",
     )
-    scale: float = Field(
-        default=1.0, gt=0, le=100.0,
-        description="Multiplier of the predicted update (1: as the editor predicts it).",
+    scale: float | None = Field(
+        default=None, gt=0, le=100.0,
+        description="Multiplier of the gradient the editor reads (1: as trained). Unset: 2 for a routed edit, "
+        "which the selector keeps from other queries, so a stronger update reaches more paraphrases; 1 for a "
+        "global one (the paper's). Measured in docs/ke-notes.md.",
     )
     chat: bool = Field(
         default=True,
@@ -30,3 +35,7 @@ class KeConfig(MethodConfig):
         description="Serve the edit behind the selector (only queries routed to it see the update); false: the "
         "update applies to every query, as in the paper.",
     )
+
+    def effective_scale(self) -> float:
+        """The multiplier an edit uses: ``scale``, or by default 2 routed and 1 global."""
+        return self.scale if self.scale is not None else (ROUTED_SCALE if self.routed else 1.0)

@@ -109,7 +109,7 @@ class KnowledgeEditorMethod(Method[KeConfig]):
         self.check(lm, config)
         ef = E.attached(lm)
         delta, passes, holds, base_holds = apply_editor(
-            lm, ef, request, config.loop, config.scale, config.chat, check=False)
+            lm, ef, request, config.loop, config.effective_scale(), config.chat, check=False)
         meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
                 "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16]}
         final = Delta("lora", {k: v.detach().contiguous() for k, v in delta.tensors.items()}, meta)
