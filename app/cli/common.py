@@ -7,7 +7,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import typer
 
@@ -75,11 +75,22 @@ def progress_bar():
                     transient=False)
 
 
+def stage_progress(bar, prefix: str = "") -> Callable[[str, int, int], None]:
+    """A :class:`~app.eval.runner.Runner` progress callback: one task of ``bar`` per stage, labelled
+    ``prefix`` + the stage's name."""
+    tasks: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(prefix + stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return progress
+
+
 def make_backend(url: str | None, key: str | None, model: str | None):
     from app.eval.backends import HttpBackend, InProcessBackend
 
     if url:
         return HttpBackend(url, key), url
     return InProcessBackend(model=model), "in-process (TestClient, temporary SQLite home, no Redis)"
-
-

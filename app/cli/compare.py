@@ -9,9 +9,10 @@ from typing import Any, Optional
 
 import typer
 
-from app.cli.common import (DatasetChoice, ModeChoice, command_text, make_backend, parse_config, progress_bar,
-                            quiet_http_logs, set_threads)
+from app.cli.common import (DEFAULT_RESULTS, DatasetChoice, ModeChoice, command_text, make_backend, parse_config,
+                            progress_bar, quiet_http_logs, set_threads, stage_progress)
 from app.eval.compare import COLUMNS, compare_markdown, summary_row
+
 
 def compare_command(
     dataset: DatasetChoice = typer.Option(DatasetChoice.zsre, "--dataset", help="Dataset format."),
@@ -49,7 +50,7 @@ def compare_command(
             if not path.exists():
                 raise typer.BadParameter(f"{path} does not exist", param_hint="--from")
             runs.append(json.loads(path.read_text(encoding="utf-8")))
-        out = out or Path("results") / "compare"
+        out = out or DEFAULT_RESULTS / "compare"
     else:
         if file is None:
             raise typer.BadParameter("--file is required unless --from is given", param_hint="--file")
@@ -64,7 +65,7 @@ def compare_command(
                 per[head][rest] = value
             else:
                 shared[key] = value
-        out = out or Path("results") / f"compare-{dataset.value}-n{n}-{'seq' if sequential else 'ind'}"
+        out = out or DEFAULT_RESULTS / f"compare-{dataset.value}-n{n}-{'seq' if sequential else 'ind'}"
         runs = [_run_one(dataset, file, m, {**shared, **per[m]}, n, sequential, held, held_min_accuracy, fluency_n,
                          subject_queries,
                          mode, seed, out / m, model, threads, console) for m in names]
@@ -95,14 +96,7 @@ def _run_one(dataset, file, method, cfg_dict, n, sequential, held, held_min_accu
     console.print(f"[bold]{method}[/] {cfg_dict or ''}")
     try:
         with progress_bar() as bar:
-            tasks: dict[str, Any] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(f"{method}: {stage}", total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
-            result = Runner(backend, cfg, progress).run(ds)
+            result = Runner(backend, cfg, stage_progress(bar, f"{method}: ")).run(ds)
     finally:
         backend.close()
     data = result.as_dict()

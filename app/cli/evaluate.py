@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from app.cli.common import (DEFAULT_RESULTS, DatasetChoice, ModeChoice, command_line, make_backend, parse_config,
-                            progress_bar, quiet_http_logs, set_threads)
+                            progress_bar, quiet_http_logs, set_threads, stage_progress)
 
 def eval_command(
     dataset: DatasetChoice = typer.Option(..., "--dataset", help="Dataset format: zsre (MEND) or counterfact (EasyEdit)."),
@@ -83,14 +83,7 @@ def eval_command(
     backend, where = make_backend(url, key, model)
     try:
         with progress_bar() as bar:
-            tasks: dict[str, Any] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
-            result = Runner(backend, cfg, progress).run(ds)
+            result = Runner(backend, cfg, stage_progress(bar)).run(ds)
     except BaseReuseError as exc:
         console.print(f"[red]eval stopped: {exc}[/]")
         raise typer.Exit(1) from None
