@@ -141,7 +141,7 @@ def repair_eval_cmd(
     epochs: Optional[float] = typer.Option(None, "--epochs", help="CaliNet passes over the facts (default: its config's)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="CaliNet learning rate (default: its config's)."),
     out: Path = typer.Option(Path("results/repair_eval"), "--out", help="Folder for results.json, report.md and plots."),
-    cache: Path = typer.Option(Path("/tmp/factpatch-repair-eval"), "--cache", help="Where calibrations are kept between runs."),
+    cache: Path = typer.Option(Path("/tmp/factpatch-repair-eval"), "--cache", help="Where screened facts and calibrations are kept between runs."),
     model: Optional[str] = typer.Option(None, "--model", help="Base model (default: FACTPATCH_MODEL)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     query_train: bool = typer.Option(
@@ -170,7 +170,17 @@ def repair_eval_cmd(
     pool = calibratable(load_facts(file))
     rng.shuffle(pool)
     t0 = time.perf_counter()
-    known, screen = select_known(lm, pool, n, log=typer.echo)
+    cache.mkdir(parents=True, exist_ok=True)
+    skey = hashlib.sha256(json.dumps([lm.name, [f.__dict__ for f in pool], n], sort_keys=True).encode()).hexdigest()[:16]
+    spath = cache / f"screen-{skey}.json"
+    if spath.exists():
+        saved = json.loads(spath.read_text())
+        known = [Fact(**{**f, "negatives": tuple(f.get("negatives") or ())}) for f in saved["known"]]
+        screen = saved["screen"]
+        typer.echo(f"screened facts from {spath}")
+    else:
+        known, screen = select_known(lm, pool, n, log=typer.echo)
+        spath.write_text(json.dumps({"known": [f.__dict__ for f in known], "screen": screen}))
     if len(known) < n:
         raise typer.BadParameter(f"only {len(known)} known facts found")
     objects: dict[str, list[str]] = {}
@@ -190,7 +200,6 @@ def repair_eval_cmd(
     cfg = CaliNetConfig(evaluate=False, **({"epochs": epochs} if epochs else {}), **({"lr": lr} if lr else {}))
     key = hashlib.sha256(json.dumps([lm.name, [f.__dict__ for f in train], cfg.model_dump()], default=str,
                                     sort_keys=True).encode()).hexdigest()[:16]
-    cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"calibration-{key}.safetensors"
     t1 = time.perf_counter()
     if path.exists():
