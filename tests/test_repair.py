@@ -206,3 +206,19 @@ def test_a_bad_edit_is_found_by_leaving_it_out_and_reverted(tiny_llama, planted)
     assert ranked[0].id == "bad" and ranked[0].score > 0.01
     assert all(c.score == 0.0 for c in ranked[1:])
     assert out.reverted_edits == ["bad"] and out.deltas == {}
+
+
+def test_empirical_curvature_solves_the_damped_fisher_exactly():
+    """The Woodbury solve of ``(λI + GᵀG) x = v`` matches the dense solve; the diagonal form divides."""
+    from app.methods.repair.method import Curvature
+
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(5, 40, generator=g)
+    v = torch.randn(40, generator=g)
+    c = Curvature("empirical", G, G.pow(2).sum(0), 5, damping=0.5)
+    H = (G.T @ G).double() + c.lam * torch.eye(40, dtype=torch.float64)
+    assert torch.allclose(c.solve(v).double(), torch.linalg.solve(H, v.double()), atol=1e-5)
+    assert c.lam == pytest.approx(0.5 * float(G.pow(2).sum()) / 40)
+    d = Curvature("diagonal", G, G.pow(2).sum(0), 5, damping=0.5)
+    fisher = G.pow(2).sum(0) / 5
+    assert torch.allclose(d.solve(v), v / (5 * (fisher + 0.5 * fisher.mean())))

@@ -43,7 +43,14 @@ class RepairConfig(MethodConfig):
     )
     damping: float = Field(
         default=1.0, gt=0.0, le=1e6,
-        description="Added to the diagonal Fisher, as a fraction of its mean (keeps F̂⁻¹ bounded on unused parameters).",
+        description="Added to the Fisher's diagonal, as a fraction of its mean (keeps H⁻¹ bounded on unused parameters).",
+    )
+    curvature: Literal["empirical", "diagonal"] = Field(
+        default="empirical",
+        description="H of the influence scores and of the Newton removal: `empirical` (the empirical Fisher "
+        "Σ_z ∇log p(z) ∇log p(z)ᵀ over the calibration's facts, exact, inverted through the Woodbury identity; "
+        "it has the rank of the number of facts) or `diagonal` (its diagonal over the training rows). Both are "
+        "damped by `damping` × the mean of their diagonal.",
     )
     parameters: Literal["KV", "V"] = Field(
         default="KV", description="Trained tensors of the calibration slots the repair reads and changes: keys and values, or values only.",

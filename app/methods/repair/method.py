@@ -301,6 +301,37 @@ def row_gradients(lm, slots: Slots, rows: Sequence[Row], fixed: Sequence[Delta],
 # -- the repair --------------------------------------------------------------------------------
 
 
+class Curvature:
+    """H, the curvature of the summed log-likelihood of a calibration's data, and H⁻¹v.
+
+    ``diagonal``: ``H = n_rows · diag(mean over rows of the squared row gradient)``.
+    ``empirical``: ``H = Gᵀ G`` with G the per-fact gradients [n_facts, P] (the empirical Fisher of
+    the data, a fact being one datum), exact; its rank is at most the number of facts, so
+    ``(λI + GᵀG)⁻¹ v = (v - Gᵀ (λI + G Gᵀ)⁻¹ G v) / λ`` (Woodbury) costs an n_facts² solve.
+    Both are damped by ``damping`` × the mean of their diagonal."""
+
+    def __init__(self, kind: str, fact_grads: torch.Tensor, row_sumsq: torch.Tensor, n_rows: int, damping: float):
+        self.kind = kind
+        if kind == "diagonal":
+            fisher = row_sumsq / n_rows
+            self.diag = n_rows * (fisher + damping * float(fisher.mean().clamp(min=1e-12)))
+            return
+        G = fact_grads.double()
+        self.G = G
+        self.lam = damping * max(float(G.pow(2).sum()) / G.shape[1], 1e-12)
+        gram = G @ G.T
+        gram.diagonal().add_(self.lam)
+        self.chol = torch.linalg.cholesky(gram)
+
+    def solve(self, v: torch.Tensor) -> torch.Tensor:
+        """H⁻¹ v for v of shape [P]."""
+        if self.kind == "diagonal":
+            return v / self.diag
+        v = v.double()
+        inner = torch.cholesky_solve((self.G @ v)[:, None], self.chol)[:, 0]
+        return ((v - self.G.T @ inner) / self.lam).float()
+
+
 @dataclass
 class _CalState:
     cal: ScopedCalibration
@@ -312,6 +343,7 @@ class _CalState:
     fact_logp: torch.Tensor  # [n_facts]
     n_rows: int
     query_grad: torch.Tensor  # [P]
+    curvature: Curvature
 
 
 def _groups(questions: Sequence[Question], idx: Sequence[int], route: Sequence[str | None]) -> dict[str | None, list[int]]:
@@ -413,14 +445,15 @@ def repair(
         n_rows = max(1, len(rows))
         fisher = sumsq / n_rows
         fisher = fisher + config.damping * float(fisher.mean().clamp(min=1e-12))
+        curvature = Curvature(config.curvature, fact_grads, sumsq, n_rows, config.damping)
         qgrad = torch.zeros(slots.size)
         for edit, members in _groups(questions, query, routes).items():
             fixed_q = [d for d in served(edit=edit) if d is not c.delta]
             for _, _, grads in row_gradients(lm, slots, [qrows[i] for i in members], fixed_q, bs):
                 qgrad += grads.sum(0)
-        st = _CalState(c, slots, rows, row_fact, fact_grads, fisher, fact_logp, n_rows, qgrad)
+        st = _CalState(c, slots, rows, row_fact, fact_grads, fisher, fact_logp, n_rows, qgrad, curvature)
         states.append(st)
-        influence = -(fact_grads @ (qgrad / fisher)) / n_rows
+        influence = -(fact_grads @ curvature.solve(qgrad))
         if config.identify == "influence":
             scores = influence
         else:
@@ -464,7 +497,7 @@ def repair(
                 facts = by_cal[st.cal.id]
                 if facts:
                     g_c = st.fact_grads[facts].sum(0)
-                    directions[st.cal.id] = (st, g_c / st.fisher / st.n_rows)
+                    directions[st.cal.id] = (st, st.curvature.solve(g_c))
             if directions:
                 grid = [config.step_size] if config.step_size is not None else list(step_grid)
                 ppl0 = perplexity_with(lm, fit_texts, served())
