@@ -128,7 +128,7 @@ def _register_measurements() -> None:
     from app.cli.calibrate import calibrate_cmd
     from app.cli.detect import detect
     from app.cli.export import export_cmd, export_parity_cmd
-    from app.cli.repair import repair_eval_cmd
+    from app.cli.repair import repair_eval_cmd, repair_eval_edits_cmd
     from app.cli.train_editor import train_editor_cmd
     from app.cli.evaluate import register
 
@@ -145,6 +145,9 @@ def _register_measurements() -> None:
     )
     app.command("repair-eval", help="Repair (Tanno et al.): noisy facts in a calibration, cause identification, treatment.")(
         repair_eval_cmd
+    )
+    app.command("repair-eval-edits", help="Repair: a planted bad edit among good ones, ranked, reverted and restored.")(
+        repair_eval_edits_cmd
     )
     app.command("train-editor", help="Train the KnowledgeEditor (method `ke`) for a model: resumable, with a validation curve.")(
         train_editor_cmd

@@ -333,3 +333,139 @@ def markdown(r: dict[str, Any]) -> str:
                          f"{s['fit_perplexity_ratio']:.4f} | {s['kept_train_accuracy']:.3f} | {s['within_limits']} |")
     lines += ["", *[f"![{p}]({p})" for p in r.get("plots", [])]]
     return "\n".join(lines) + "\n"
+
+
+def repair_eval_edits_cmd(
+    n: int = typer.Option(200, "--n", min=1, max=2000, help="Good edits made before the bad one."),
+    file: Path = typer.Option(Path("../shared/data/counterfact/counterfact_train.json"), "--file",
+                              help="CounterFact records of the good edits."),
+    facts_file: Path = typer.Option(Path("../shared/data/pararel/trex_facts.jsonl"), "--facts",
+                                    help="T-REx facts: the bad edit's subject and the questions it breaks."),
+    relation: str = typer.Option("P36", "--relation", help="T-REx relation of the questions the bad edit breaks."),
+    subject: str = typer.Option("capital", "--subject",
+                                help="Subject the bad edit names: a word of the relation's questions, not an entity."),
+    questions_n: int = typer.Option(40, "--questions", min=3, max=500, help="Known facts of the relation asked."),
+    method: str = typer.Option("pnp", "--method", help="Method of every edit."),
+    out: Path = typer.Option(Path("results/repair_eval_edits"), "--out", help="Folder for results.json and report.md."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+) -> None:
+    """A planted bad edit among ``--n`` good ones, found and reverted by a repair (through the API).
+
+    The bad edit gives one fact of ``--relation`` a wrong object and names as its subject a word of
+    the relation's questions (``--subject``, e.g. "capital") with ``"scope": "subject"``: its keys
+    route unrelated questions (other subjects' facts of that relation) to it, and those the base
+    model knew (T-REx, LAMA template, teacher-forced greedy) become failures. The repair is asked
+    about them with every edit in scope; the bad edit should rank first. Applied, it reverts the
+    bad edit; the failures' and the good edits' answers are checked, and the repair is reverted
+    again."""
+    from app.cli.common import quiet_http_logs, set_threads
+    from app.eval.backends import InProcessBackend, edit_payload
+    from app.eval.datasets import load_dataset
+
+    set_threads(threads)
+    quiet_http_logs()
+    command = "factpatch " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "factpatch repair-eval-edits"
+    relations = load_relations()
+    if relation not in relations:
+        raise typer.BadParameter(f"unknown relation {relation!r}")
+    all_facts = [f for f in load_facts(facts_file) if f.relation == relation]
+    facts = all_facts[: 10 * questions_n]
+    cases = load_dataset("counterfact", file).cases[:n]
+    backend = InProcessBackend()
+    t_start = time.perf_counter()
+    try:
+        def score(pairs):
+            return backend.score(pairs, "completion")
+
+        from app.knowledge.facts import prefix
+
+        questions = [(prefix(relations[f.relation].template, f.subject), " " + f.object.strip()) for f in facts]
+        base = score(questions)
+        known = [(q, f) for q, f, s in zip(questions, facts, base) if s.all_correct and q[0]][:questions_n]
+        typer.echo(f"{len(known)} known facts of {relation} (of {len(facts)} screened)")
+        if len(known) < 3:
+            raise typer.BadParameter(f"the base model knows fewer than 3 facts of {relation}")
+
+        t0 = time.perf_counter()
+        good: list[str] = []
+        for i, case in enumerate(cases):
+            good.append(backend.edit(case, method).id)
+            if (i + 1) % 20 == 0 or i + 1 == len(cases):
+                typer.echo(f"good edits {i + 1}/{len(cases)}")
+        edits_s = time.perf_counter() - t0
+        good_pairs = [(c.prompt, " " + c.target.strip()) for c in cases]
+        good_before = score(good_pairs)
+
+        (bad_q, bad_fact), rest = known[0], known[1:]
+        wrong = next(f.object for f in all_facts if f.object != bad_fact.object)
+        bad = backend.request("POST", "/edits", json={
+            "prompt": bad_q[0], "target": wrong, "subject": subject, "method": method, "scope": "subject"})["id"]
+        after_bad = score([q for q, _ in rest])
+        failing = [(q, s) for (q, _), s in zip(rest, after_bad) if not s.all_correct]
+        routed_bad = sum(1 for _, s in failing if s.edit_id == bad)
+        typer.echo(f"bad edit {bad}: {len(failing)} of {len(rest)} other known facts of {relation} now wrong "
+                   f"({routed_bad} routed to it)")
+        if not failing:
+            raise typer.BadParameter("the bad edit broke nothing")
+
+        def run(apply: bool) -> dict[str, Any]:
+            body = {"failures": [{"prompt": q[0], "target": q[1].strip()} for q, _ in failing],
+                    "scope": {"edits": "all", "calibrations": []}, "treatment": "revert", "apply": apply,
+                    "config": {"top_k": 1}}
+            rid = backend.request("POST", "/repairs", json=body)["id"]
+            while True:
+                rep = backend.request("GET", f"/repairs/{rid}")
+                if rep["status"] in ("reported", "active", "failed"):
+                    return rep
+                time.sleep(0.5)
+
+        t1 = time.perf_counter()
+        report = run(False)
+        report_s = time.perf_counter() - t1
+        if report["status"] == "failed":
+            raise RuntimeError(f"repair failed: {report['result']}")
+        causes = report["result"]["causes"]
+        rank = next((i + 1 for i, c in enumerate(causes) if c.get("id") == bad), None)
+        applied = run(True)
+        fixed = score([q for q, _ in failing])
+        good_after = score(good_pairs)
+        backend.request("POST", f"/admin/repairs/{applied['id']}/revert")
+        again = score([q for q, _ in failing])
+        result = {
+            "command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": backend.model_id(), "method": method, "good_edits": len(good), "relation": relation, "subject": subject,
+            "bad_edit": {"prompt": bad_q[0], "target": wrong, "scope": "subject"},
+            "screened": len(facts), "known": len(known), "failures": len(failing), "failures_routed_to_bad": routed_bad,
+            "bad_rank": rank, "top_causes": causes[:5],
+            "after_revert_by_repair": {"failures_fixed": sum(s.all_correct for s in fixed),
+                                       "good_edits_holding_before": sum(s.all_correct for s in good_before),
+                                       "good_edits_holding_after": sum(s.all_correct for s in good_after)},
+            "after_repair_reverted": {"failures_wrong_again": sum(not s.all_correct for s in again)},
+            "seconds": {"good_edits": round(edits_s, 1), "repair_report": round(report_s, 1),
+                        "repair_job": report["result"].get("seconds"), "total": round(time.perf_counter() - t_start, 1)},
+        }
+    finally:
+        backend.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "report.md").write_text(edits_markdown(result))
+    typer.echo(edits_markdown(result))
+
+
+def edits_markdown(r: dict[str, Any]) -> str:
+    a = r["after_revert_by_repair"]
+    lines = [
+        f"# repair-eval-edits: a bad edit among {r['good_edits']} good ones ({r['model']}, `{r['method']}`)", "",
+        f"`{r['command']}` ({r['date']})", "",
+        f"Bad edit: `{r['bad_edit']['prompt']}` -> `{r['bad_edit']['target']}`, subject `{r['subject']}`, scope `subject`. "
+        f"It broke {r['failures']} of the {r['known'] - 1} other facts of {r['relation']} the base model knew "
+        f"({r['failures_routed_to_bad']} of them routed to it).", "",
+        "| measure | value |", "|---|---|",
+        f"| rank of the bad edit among {r['good_edits'] + 1} edits (repair, leave-one-out) | {r['bad_rank']} |",
+        f"| failures fixed once the repair is applied (the bad edit reverted) | {a['failures_fixed']}/{r['failures']} |",
+        f"| good edits holding (greedy, their prompt) before / after | {a['good_edits_holding_before']} / {a['good_edits_holding_after']} |",
+        f"| failures wrong again once the repair is reverted (the bad edit reinstated) | {r['after_repair_reverted']['failures_wrong_again']}/{r['failures']} |",
+        f"| seconds: {r['good_edits']} good edits / repair report | {r['seconds']['good_edits']} / {r['seconds']['repair_report']} |",
+        "", "Top causes: " + "; ".join(f"{c.get('kind')} {c.get('id', '')[:8]} {c.get('score', 0):.2f}" for c in r["top_causes"]),
+    ]
+    return "\n".join(lines) + "\n"
