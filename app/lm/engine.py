@@ -436,7 +436,8 @@ class LM:
         other model gets a full forward, sliced."""
         n_keep = int(keep.sum())
         try:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                                use_cache=False).logits
             if logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == n_keep:
                 logits = logits[0]
             if logits.dim() == 2 and logits.shape[0] == n_keep:
