@@ -95,6 +95,10 @@ def test_ke_edit_changes_the_answer_and_nothing_when_inactive(lm, trained):
         fit = method.fit(lm, EditRequest(prompt=prompt, target=target), method.parse_config({"loop": 5}))
         assert fit.delta.kind == "lora" and fit.delta.meta["method"] == "ke" and fit.delta.meta["target"] == target
         assert fit.info["converged"] and _holds(lm, prompt, target, fit.delta)
+        # The fit's own check of the prompt, per form, is what scoring with the returned delta gives.
+        forms = ["completion"] + (["chat"] if lm.has_chat_template else [])
+        assert fit.prompt_holds == {m: lm.score([prompt], [target], mode=m, deltas=[fit.delta])[0].all_correct
+                                    for m in forms}
         assert set(fit.delta.modules()) == set(E.attached(lm).editor.paths)
         # "Revert" is not applying it: the base model is untouched.
         assert not _holds(lm, prompt, target)
@@ -203,6 +207,10 @@ def test_ke_edit_over_http_changes_the_answer_and_revert_restores_it(service, lm
         assert edit["method"] == "ke"
         after = _answer(client, prompt)
         assert after["edit_id"] == edit["id"] and after["answer"].startswith(target)
+        # The stored success is what the served path gives now (the fit's check stands in for scoring the prompt).
+        forms = ["completion"] + (["chat"] if lm.has_chat_template else [])
+        served = rt.answers.score([prompt] * len(forms), [target] * len(forms), modes=forms)
+        assert edit["metrics"]["success"] == sum(s.all_correct and s.edit_id == edit["id"] for s in served) / len(forms)
         unrelated = _answer(client, UNRELATED[0])
         assert unrelated["edit_id"] is None and unrelated["answer"] == other["answer"]
         r = client.post(f"/admin/edits/{edit['id']}/revert", headers=auth(ADMIN))

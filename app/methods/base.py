@@ -72,6 +72,11 @@ class FitResult:
     # teacher forced, every target token the argmax), seen in the fit's first forward; None when
     # the method did not look (see ``Method.reports_base_holds``).
     base_holds: bool | None = None
+    # Per form of the prompt ("completion", "chat"): whether the target holds (teacher forced,
+    # every target token the argmax) with exactly ``delta`` and the global deltas active, as the
+    # fit's own last check saw it; empty when the fit did not check the delta it returns. The
+    # service then only has to check that the prompt is routed to the edit.
+    prompt_holds: dict[str, bool] = field(default_factory=dict)
 
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)

@@ -30,7 +30,7 @@ from app.delta import Delta
 from app.errors import Conflict, FactpatchError, Internal, NotFound, Unavailable, Unprocessable
 from app.lm.engine import LM
 from app.methods import base as methods
-from app.services.answers import AnswerService
+from app.services.answers import AnswerService, head_text
 from app.services.deltas import DeltaCache
 from app.services.global_deltas import GlobalDeltaSync
 from app.selector.memory import StoredKeys
@@ -282,7 +282,7 @@ class EditService:
             )
             edit.id = edit_id or edit.id or _new_id()
             record.edit_id = edit.id
-            metrics = self._measure(req, record, fit.delta, superseded)
+            metrics = self._measure(req, record, fit.delta, superseded, fit.prompt_holds)
             metrics.update(steps=fit.steps, train_ms=round(fit.train_ms, 1), total_ms=round((time.perf_counter() - t0) * 1000, 1))
             edit.metrics = metrics
             self._commit_new(edit, fit.delta, record, superseded, actor)
@@ -343,21 +343,35 @@ class EditService:
             return None
         return old if old.target.strip() != req.target.strip() else None
 
-    def _measure(self, req: EditInput, record, delta: Delta, superseded: Edit | None) -> dict[str, Any]:
+    def _measure(self, req: EditInput, record, delta: Delta, superseded: Edit | None,
+                 prompt_holds: dict[str, bool] | None = None) -> dict[str, Any]:
         """Success on the prompt and paraphrases, locality on unrelated prompts, through the served
         path on a staging copy of the selector (the new keys in, the superseded edit's out) with
         the new delta beside the cache: the live selector and cache, which answer requests meanwhile,
-        never hold an edit that is not committed."""
+        never hold an edit that is not committed.
+
+        ``prompt_holds``: the fit's own check of the prompt per form with exactly this delta (and the
+        global deltas); when the prompt is routed to the new edit unchanged, that check is what the
+        served path would compute, so the prompt is not scored again."""
         answers = AnswerService(
             self.lm, self._staging_selector(record, superseded.id if superseded else None),
             _StagedDeltas(self.deltas, record.edit_id, delta.to(self.lm.device, self.lm.dtype)),
         )
         forms = ["completion"] + (["chat"] if self.lm.has_chat_template else [])
-        # The prompt in every form and the paraphrases in completion form: one scoring batch.
-        prompts = [req.prompt] * len(forms) + list(req.paraphrases)
-        modes = forms + ["completion"] * len(req.paraphrases)
+        prompt_held: list[bool] | None = None
+        if prompt_holds and all(f in prompt_holds for f in forms):
+            route = answers.route([req.prompt])[0]
+            if route.edit_id == record.edit_id and head_text(req.prompt, route) == req.prompt:
+                prompt_held = [prompt_holds[f] for f in forms]
+        # The prompt in every form (unless the fit checked it) and the paraphrases in completion
+        # form: one scoring batch.
+        asked = forms if prompt_held is None else []
+        prompts = [req.prompt] * len(asked) + list(req.paraphrases)
+        modes = asked + ["completion"] * len(req.paraphrases)
         held = [s.all_correct and s.edit_id == record.edit_id
-                for s in answers.score(prompts, [req.target] * len(prompts), modes=modes)]
+                for s in (answers.score(prompts, [req.target] * len(prompts), modes=modes) if prompts else [])]
+        if prompt_held is not None:
+            held = prompt_held + held
         success = _mean(held[: len(forms)])
         para = _mean(held[len(forms):]) if req.paraphrases else None
         locality = None

@@ -29,19 +29,22 @@ def train_command(lm: LM) -> str:
     return f"factpatch train-editor --model {lm.name}"
 
 
-def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
-                 scale: float = 1.0, chat: bool = False, check: bool = True) -> tuple[Delta, int, bool | None, bool]:
+def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, scale: float = 1.0,
+                 chat: bool = False, check: bool = True) -> tuple[Delta, int, bool | None, bool, dict[str, bool]]:
     """(delta, passes, the target holds on every prompt, the unedited model already wrote it after
-    the prompt) for ``request``; with ``chat`` (and a chat
-    template) the prompt's chat form joins the gradient and the stop rule. Without ``check`` the
-    last pass is not verified by another forward (None when the loop did not see it hold): the
-    service measures the stored edit through the served path anyway."""
+    the prompt, per form whether the target holds on the prompt with the returned delta) for
+    ``request``; with ``chat`` (and a chat template) the prompt's chat form joins the gradient and
+    the stop rule. Without ``check`` the last pass is not verified by another forward (None, and no
+    forms, when the loop did not see it hold): the service measures the stored edit through the
+    served path anyway."""
     editor = ef.editor
     prompts = [p for p in dict.fromkeys([request.prompt, *request.paraphrases]) if p.strip()]
     modes = ["completion"] + (["chat"] if chat and lm.has_chat_template else [])
-    examples = [(lm.prompt_ids(p, m), lm.target_ids(p, request.target, m))
-                for m in modes for p in (prompts if m == "completion" else prompts[:1])]
-    examples = [(p, t) for p, t in examples if t]
+    rows = [(p, m, lm.prompt_ids(p, m), lm.target_ids(p, request.target, m))
+            for m in modes for p in (prompts if m == "completion" else prompts[:1])]
+    rows = [r for r in rows if r[3]]
+    examples = [(ids, t) for _, _, ids, t in rows]
+    prompt_rows = {m: i for i, (p, m, _, _) in enumerate(rows) if p == request.prompt}
     if not examples:
         raise ValueError("the target encodes to no tokens")
     batch = E.make_batch(lm, examples)
@@ -49,9 +52,14 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
     passes, holds, base_holds = 0, False, False
     embeds = None
 
+    forms: dict[str, bool] = {}
+
     def held_by(update: Delta) -> bool:  # a forward without gradients: is every target the argmax?
         with torch.no_grad(), lm.active([update]):
-            return bool(E.target_nll(E.batch_logits(lm, batch), batch)[1].all())
+            per_row = E.target_nll(E.batch_logits(lm, batch), batch)[1]
+        forms.clear()
+        forms.update({m: bool(per_row[i]) for m, i in prompt_rows.items()})
+        return bool(per_row.all())
 
     while passes < loop:
         if delta is not None and held_by(delta):  # the update holds already: no further gradient
@@ -70,9 +78,9 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1,
         passes += 1
     if not holds:
         if not check:
-            return delta, passes, None, base_holds
+            return delta, passes, None, base_holds, {}
         holds = held_by(delta)
-    return delta, passes, holds, base_holds
+    return delta, passes, holds, base_holds, dict(forms)
 
 
 @register("ke")
@@ -108,7 +116,7 @@ class KnowledgeEditorMethod(Method[KeConfig]):
             raise ValueError("an edit needs a non-empty prompt and target")
         self.check(lm, config)
         ef = E.attached(lm)
-        delta, passes, holds, base_holds = apply_editor(
+        delta, passes, holds, base_holds, prompt_holds = apply_editor(
             lm, ef, request, config.loop, config.effective_scale(), config.chat, check=False)
         meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
                 "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16]}
@@ -117,4 +125,5 @@ class KnowledgeEditorMethod(Method[KeConfig]):
             progress(passes, config.loop, 0.0)
         info = {"converged": holds, "passes": passes, "modules": final.modules(),
                 "rank": int(final.get(final.modules()[0], "A").shape[0])}
-        return FitResult(final, passes, (time.perf_counter() - t0) * 1000.0, info, base_holds=base_holds)
+        return FitResult(final, passes, (time.perf_counter() - t0) * 1000.0, info, base_holds=base_holds,
+                         prompt_holds=prompt_holds)

@@ -124,7 +124,7 @@ def validate(lm: LM, ef_editor: E.KnowledgeEditor, records: Sequence[Record]) ->
     ef = E.EditorFile(ef_editor, {})
     ok, gen, gen_n, kls = 0, 0, 0, []
     for rec in records:
-        delta, _, holds, _ = apply_editor(lm, ef, EditRequest(prompt=rec.prompt, target=rec.target), loop=1)
+        delta, _, holds, _, _ = apply_editor(lm, ef, EditRequest(prompt=rec.prompt, target=rec.target), loop=1)
         ok += holds
         if rec.paraphrases:
             ex = _examples(lm, rec.paraphrases[:1], rec.target, 10_000)
