@@ -359,7 +359,7 @@ def repair_eval_edits_cmd(
     bad edit; the failures' and the good edits' answers are checked, and the repair is reverted
     again."""
     from app.cli.common import quiet_http_logs, set_threads
-    from app.eval.backends import InProcessBackend, edit_payload
+    from app.eval.backends import BackendError, InProcessBackend
     from app.eval.datasets import load_dataset
 
     set_threads(threads)
@@ -370,7 +370,7 @@ def repair_eval_edits_cmd(
         raise typer.BadParameter(f"unknown relation {relation!r}")
     all_facts = [f for f in load_facts(facts_file) if f.relation == relation]
     facts = all_facts[: 10 * questions_n]
-    cases = load_dataset("counterfact", file).cases[:n]
+    pool = load_dataset("counterfact", file).cases
     backend = InProcessBackend()
     t_start = time.perf_counter()
     try:
@@ -388,10 +388,19 @@ def repair_eval_edits_cmd(
 
         t0 = time.perf_counter()
         good: list[str] = []
-        for i, case in enumerate(cases):
-            good.append(backend.edit(case, method).id)
-            if (i + 1) % 20 == 0 or i + 1 == len(cases):
-                typer.echo(f"good edits {i + 1}/{len(cases)}")
+        cases = []
+        for case in pool:
+            if len(good) == n:
+                break
+            try:
+                good.append(backend.edit(case, method).id)
+            except BackendError as exc:
+                if exc.code != "target_already_holds":  # a record the base model already answers so
+                    raise
+                continue
+            cases.append(case)
+            if len(good) % 20 == 0 or len(good) == n:
+                typer.echo(f"good edits {len(good)}/{n}")
         edits_s = time.perf_counter() - t0
         good_pairs = [(c.prompt, " " + c.target.strip()) for c in cases]
         good_before = score(good_pairs)
