@@ -109,6 +109,13 @@ class Architecture:
         except KeyError:
             raise KeyError(f"model has no module {path!r}") from None
 
+    def block_of(self, path: str) -> int:
+        """Index of the block a module path lies in."""
+        for b in self.blocks:
+            if path == b.path or path.startswith(b.path + "."):
+                return b.index
+        raise KeyError(f"{path!r} is in no decoder block")
+
     def resolve_layer(self, layer: int) -> int:
         """Python-style index: -1 is the last block."""
         n = self.num_layers

@@ -22,6 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from app.delta import Delta
 from app.lm.arch import Architecture
 from app.lm.hooks import DeltaHooks
+from app.lm.replay import BlockReplay, Prefix
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class LM:
         self.load_seconds = load_seconds
         self.arch = Architecture(model)
         self.hooks = DeltaHooks(self.arch)
+        self.replay = BlockReplay(self.arch)
         self._lock = threading.RLock()
         self._global: dict[str, Delta] = {}
         if tokenizer.pad_token_id is None:
@@ -98,6 +100,11 @@ class LM:
         chosen += [d for d in (deltas or []) if d is not None]
         with self.hooks.active(chosen), self.hooks.active_rows(rows or [], self.device):
             yield
+
+    def prefix(self, first: int) -> Prefix:
+        """Forwards of one batch that run blocks ``0 .. first-1`` once and reuse their outputs
+        after (``with prefix.use(): ...``); see :mod:`app.lm.replay`."""
+        return self.replay.prefix(first)
 
     # -- text forms ----------------------------------------------------------------------------
     def default_mode(self) -> Mode:

@@ -21,7 +21,7 @@ import hashlib
 import json
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,6 +34,7 @@ from torch import nn
 from app.delta import Delta
 from app.lm.arch import linear_dims
 from app.lm.engine import LM
+from app.lm.replay import Prefix
 
 FORMAT = "factpatch-ke-editor/1"
 
@@ -252,14 +253,16 @@ def target_nll(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.
     return (per_row / count.clamp(min=1)).mean(), hits.eq(count)
 
 
-def edit_gradients(lm: LM, paths: Sequence[str], batch: Batch,
-                   deltas: Sequence[Delta] = ()) -> tuple[dict[str, Factors], torch.Tensor, torch.Tensor]:
+def edit_gradients(lm: LM, paths: Sequence[str], batch: Batch, deltas: Sequence[Delta] = (),
+                   prefix: Prefix | None = None) -> tuple[dict[str, Factors], torch.Tensor, torch.Tensor]:
     """∇W L(W; x, a) of each module in ``paths`` as its factors, on ``batch`` with ``deltas``
-    active. Returns (factors, [rows] bool: the target already holds, first-token argmax per row)."""
+    active. Returns (factors, [rows] bool: the target already holds, first-token argmax per row).
+    ``prefix``: the blocks below the edited ones, run once for this batch (``LM.prefix``)."""
     cap = _capture(lm)
     cap.ensure(lm, paths)
     mask = batch.attention_mask.bool()
-    with torch.enable_grad(), lm.active(list(deltas)), cap.recording() as record:
+    with torch.enable_grad(), lm.active(list(deltas)), cap.recording() as record, \
+            (prefix.use() if prefix is not None else nullcontext()):
         logits = batch_logits(lm, batch)
         loss, holds = target_nll(logits, batch)
         outs = [record[p][1] for p in paths]

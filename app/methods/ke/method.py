@@ -53,9 +53,11 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, 
     embeds = None
 
     forms: dict[str, bool] = {}
+    # The update sits at the edited blocks: the blocks below them are run once for this batch.
+    prefix = lm.prefix(min(lm.arch.block_of(p) for p in editor.paths))
 
     def held_by(update: Delta) -> bool:  # a forward without gradients: is every target the argmax?
-        with torch.no_grad(), lm.active([update]):
+        with torch.no_grad(), lm.active([update]), prefix.use():
             per_row = E.target_nll(E.batch_logits(lm, batch), batch)[1]
         forms.clear()
         forms.update({m: bool(per_row[i]) for m, i in prompt_rows.items()})
@@ -65,7 +67,7 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, 
         if delta is not None and held_by(delta):  # the update holds already: no further gradient
             holds = True
             break
-        factors, held, first = E.edit_gradients(lm, editor.paths, batch, [delta] if delta is not None else [])
+        factors, held, first = E.edit_gradients(lm, editor.paths, batch, [delta] if delta is not None else [], prefix)
         if delta is None:
             base_holds = bool(held[0])  # row 0: the prompt in completion form, before any update
         if embeds is None:
