@@ -617,12 +617,16 @@ def _ewc_identify(lm, st: _CalState, questions, query, routes, served, config: R
     """θ* = argmax log p(F_query|θ) - |D|/2 (θ-θ̂)ᵀF̂(θ-θ̂) - λ/2‖θ-θ̂‖²; r(z) = log p(z|θ̂) - log p(z|θ*)."""
     groups = _groups(questions, query, routes)
     qrows = {e: [(questions[i].prompt, questions[i].target) for i in m] for e, m in groups.items()}
+    # Every step runs the same rows with only the slots changed: the blocks below theirs run once.
+    first = lm.arch.block_of(st.slots.path)
+    prefixes = {e: lm.prefix(first) for e in qrows}
 
     def objective(delta: Delta, _step: int) -> torch.Tensor:
         total = 0.0
         for e, rows in qrows.items():
             fixed = [d for d in served(edit=e) if d is not st.cal.delta]
-            total = total - _row_logp(lm, rows, fixed + [delta]).sum()
+            with prefixes[e].use():
+                total = total - _row_logp(lm, rows, fixed + [delta]).sum()
         return total
 
     theta_star = _optimise(lm, st, objective, config, penalty=True)
