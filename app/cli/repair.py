@@ -293,9 +293,14 @@ def repair_eval_cmd(
     }
     out.mkdir(parents=True, exist_ok=True)
     result["plots"] = _plots(out, curves, rep["step_search"], query["failing_before"], held["failing_before"])
+    _write(out, result, markdown(result))
+
+
+def _write(out: Path, result: dict[str, Any], report: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "report.md").write_text(markdown(result))
-    typer.echo(markdown(result))
+    (out / "report.md").write_text(report)
+    typer.echo(report)
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -455,10 +460,7 @@ def repair_eval_edits_cmd(
         }
     finally:
         backend.close()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "report.md").write_text(edits_markdown(result))
-    typer.echo(edits_markdown(result))
+    _write(out, result, edits_markdown(result))
 
 
 def edits_markdown(r: dict[str, Any]) -> str:
