@@ -13,7 +13,7 @@ from app.knowledge.templates import KnowledgeError
 from app.lm.testing import tiny_lm
 from app.methods.calinet import CaliNetConfig, CalibrationRequest, calibrate
 from app.methods.calinet.method import (
-    _generic_kl,
+    generic_kl,
     _mean_loss,
     build_examples,
     cut_prediction,
@@ -108,8 +108,8 @@ def test_generic_kl_is_zero_without_change_and_positive_with_it(trained):
     lm, result, *_ = trained
     sents = [lm.tokenizer(t).input_ids for t in generic_sentences("fit")[:3]]
     with torch.no_grad():
-        assert float(_generic_kl(lm, sents, _zero_like(result.delta))) == pytest.approx(0.0, abs=1e-6)
-        assert float(_generic_kl(lm, sents, result.delta)) > 0.0
+        assert float(generic_kl(lm, sents, [_zero_like(result.delta)])) == pytest.approx(0.0, abs=1e-6)
+        assert float(generic_kl(lm, sents, [result.delta])) > 0.0
 
 
 def test_kl_and_locality_terms_train(llama):

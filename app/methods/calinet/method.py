@@ -214,12 +214,14 @@ def _example_loss(lm, batch: Sequence[Example], delta: Delta) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def _generic_kl(lm, sentences: Sequence[list[int]], delta: Delta) -> torch.Tensor:
-    """Mean per-token KL(base || calibrated) of the next-token distributions over ``sentences``."""
+def generic_kl(lm, sentences: Sequence[list[int]], new: Sequence[Delta], base: Sequence[Delta] = (),
+               *, include_global: bool = True) -> torch.Tensor:
+    """Mean per-token KL(with ``base`` || with ``new``) of the next-token distributions over
+    ``sentences`` (token ids); differentiable through ``new``."""
     ids, attn, pos = pack_left(lm, sentences)
-    with torch.no_grad(), lm.active(None):
+    with torch.no_grad(), lm.active(list(base), include_global=include_global):
         base = torch.log_softmax(lm.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float(), -1)
-    with lm.active([delta]):
+    with lm.active(list(new), include_global=include_global):
         new = torch.log_softmax(lm.model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float(), -1)
     kl = (base.exp() * (base - new)).sum(-1)
     mask = attn.to(kl.dtype)
@@ -324,7 +326,7 @@ def calibrate(
             loss = fit + config.locality_weight * local
             if config.kl_weight > 0:
                 with _lock(lm):
-                    kl = _generic_kl(lm, rng.sample(kl_ids, min(config.kl_sentences, len(kl_ids))), delta)
+                    kl = generic_kl(lm, rng.sample(kl_ids, min(config.kl_sentences, len(kl_ids))), [delta])
                 loss = loss + config.kl_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward(inputs=[k, v])

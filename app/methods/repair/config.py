@@ -61,6 +61,12 @@ class RepairConfig(MethodConfig):
     steps: int = Field(default=20, ge=1, le=1000, description="Optimiser steps of EWC (identification or deletion) and fine-tuning.")
     lr: float = Field(default=2e-2, gt=0.0, le=1.0, description="Adam learning rate of those steps.")
     l2: float = Field(default=1e-3, ge=0.0, le=1e6, description="λ of the plain L2 term beside the Fisher penalty.")
+    kl_weight: float = Field(
+        default=10.0, ge=0.0, le=1e6,
+        description="`finetune`: weight of KL(served || repaired) of the next-token distributions over generic "
+        "sentences (the fit half, `kl_sentences` a step), which keeps the repair off unrelated text.",
+    )
+    kl_sentences: int = Field(default=4, ge=1, le=64, description="Generic sentences per fine-tuning step for that term.")
     batch_size: int = Field(default=16, ge=1, le=256, description="Sequences per forward pass.")
     max_causes_reported: int = Field(default=50, ge=1, le=1000, description="Ranked causes kept in the report.")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the query/held-out split and of sampling.")

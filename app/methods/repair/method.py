@@ -43,7 +43,7 @@ from app.knowledge.cka import ScoreItem, encode_item, pack_left
 from app.knowledge.facts import Fact, prefix, resolve
 from app.knowledge.templates import subject_first
 from app.methods.base import FitResult, Method, ProgressFn, register
-from app.methods.calinet.method import fact_splits, generic_sentences
+from app.methods.calinet.method import fact_splits, generic_kl, generic_sentences
 from app.methods.repair.config import STEP_GRID, RepairConfig
 
 log = logging.getLogger(__name__)
@@ -656,6 +656,11 @@ def _optimise_treatment(lm, st: _CalState, facts: list[int], questions, query, r
     groups = _groups(questions, query, routes)
     qrows = [(e, (questions[i].prompt, questions[i].target)) for e, m in groups.items() for i in m]
 
+    start = [lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id]
+    generic = [start + ids for ids in (lm.tokenizer(t, add_special_tokens=False).input_ids
+                                       for t in generic_sentences("fit")[: config.guard_sentences]) if ids]
+    reference = served()
+
     def objective(delta: Delta, step: int) -> torch.Tensor:
         qb = qrows if len(qrows) <= config.batch_size else rng.sample(qrows, config.batch_size)
         loss = 0.0
@@ -668,7 +673,11 @@ def _optimise_treatment(lm, st: _CalState, facts: list[int], questions, query, r
         if keep:
             kb = keep if len(keep) <= config.batch_size else rng.sample(keep, config.batch_size)
             loss = loss - _row_logp(lm, kb, fixed + [delta]).sum() * (len(qb) / len(kb))
-        return loss / max(1, len(qb))
+        loss = loss / max(1, len(qb))
+        if config.kl_weight > 0 and generic:
+            sample = rng.sample(generic, min(config.kl_sentences, len(generic)))
+            loss = loss + config.kl_weight * generic_kl(lm, sample, fixed + [delta], reference, include_global=False)
+        return loss
 
     return _optimise(lm, st, objective, config, penalty=False)
 
