@@ -14,13 +14,9 @@ see the adapter.
 from __future__ import annotations
 
 import math
-import threading
 import time
-import weakref
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -241,129 +237,18 @@ def boundary_tokens(lm: LM) -> torch.Tensor:
     return lm.word_boundary_mask()
 
 
-class _BlockInputs:
-    """Persistent forward pre-hooks on every decoder block that record, for the calling thread
-    only and only while asked to, the positional and keyword inputs of each block call.
-
-    Installed once per model and never removed, so no other thread ever iterates a hook table
-    that is being changed; a thread that is not recording pays one attribute lookup per block.
-    """
-
-    def __init__(self, lm: LM):
-        self._local = threading.local()
-        for i, block in enumerate(lm.arch.blocks):
-            lm.arch.module(block.path).register_forward_pre_hook(self._hook(i), with_kwargs=True)
-
-    def _hook(self, index: int):
-        local = self._local
-
-        def hook(module, args, kwargs):
-            record = getattr(local, "record", None)
-            if record is not None:
-                record[index] = (args, dict(kwargs))
-            return None
-
-        return hook
-
-    @contextmanager
-    def recording(self) -> Iterator[dict[int, tuple[tuple, dict]]]:
-        record: dict[int, tuple[tuple, dict]] = {}
-        self._local.record = record
-        try:
-            yield record
-        finally:
-            self._local.record = None
-
-
-_BLOCK_INPUTS: "weakref.WeakKeyDictionary[torch.nn.Module, _BlockInputs]" = weakref.WeakKeyDictionary()
-_FINAL_NORM: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
-_INSTALL_LOCK = threading.Lock()
-_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
-
-
-def _block_inputs(lm: LM) -> _BlockInputs:
-    with _INSTALL_LOCK:
-        hooks = _BLOCK_INPUTS.get(lm.model)
-        if hooks is None:
-            hooks = _BLOCK_INPUTS[lm.model] = _BlockInputs(lm)
-        return hooks
-
-
-def _norm_candidates(lm: LM) -> list[tuple[str, torch.nn.Module]]:
-    """The base model's top-level modules that may be the final norm, most likely first."""
-    base = lm.model.base_model
-    named = [(n, m) for n, m in base.named_children() if n in _NORM_NAMES or "norm" in type(m).__name__.lower()]
-    return sorted(named, key=lambda nm: (nm[0] not in _NORM_NAMES, nm[0]))
-
-
 class TailForward:
-    """Logits at a batch's kept positions, computed after the first call from a cache of the
-    input to the lowest adapted block: later steps run only the blocks from there up, the
-    final norm and the vocabulary projection of the kept positions.
-
-    Nothing below the lowest adapted block depends on the adapter, so the result is the same
-    as a full forward; the first use on a model checks that against a full forward and falls
-    back to full forwards when the replay does not reproduce it (an unusual architecture).
-    """
+    """Logits at a batch's kept positions; after the first call the blocks below the lowest
+    adapted one are replayed (``LM.prefix``), so later steps run only the blocks from there up.
+    Nothing below that block depends on the adapter: the result is a full forward's."""
 
     def __init__(self, lm: LM, group: _Group, start: int):
-        self.lm, self.group, self.start = lm, group, start
-        self._inputs: dict[int, tuple[tuple, dict]] | None = None
-        self._norm: torch.nn.Module | None = None
-        self._full_only = False
+        self.lm, self.group = lm, group
+        self.prefix = lm.prefix(start)
 
     def __call__(self) -> torch.Tensor:
-        if self._inputs is None or self._full_only:
-            return self._first()
-        return self._tail(self._norm)
-
-    def _first(self) -> torch.Tensor:
-        lm, g = self.lm, self.group
-        if self._full_only or self.start <= 0:
-            self._full_only = True
-            return kept_logits(lm, g)
-        with _block_inputs(lm).recording() as record:
-            logits = lm.model(input_ids=g.input_ids, attention_mask=g.attention_mask, use_cache=False).logits
-        full = logits[g.keep].float()
-        if not all(i in record for i in range(self.start, lm.arch.num_layers)):
-            self._full_only = True
-            return full
-        args, kwargs = record[self.start]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._inputs = {i: record[i] for i in range(self.start, lm.arch.num_layers)}
-        self._hidden = hidden.detach()
-        self._norm = self._choose_norm(full.detach())
-        if self._norm is None:
-            self._full_only = True
-        return full
-
-    def _choose_norm(self, full: torch.Tensor) -> torch.nn.Module | None:
-        """The final norm whose replay reproduces ``full`` (checked once per model)."""
-        lm = self.lm
-        known = _FINAL_NORM.get(lm.model)
-        candidates = dict(_norm_candidates(lm))
-        if known is not None and known in candidates:
-            return candidates[known]
-        with torch.no_grad():
-            for name, module in candidates.items():
-                replay = self._tail(module)
-                if torch.allclose(replay, full, atol=1e-3, rtol=1e-3):
-                    _FINAL_NORM[lm.model] = name
-                    return module
-        return None
-
-    def _tail(self, norm: torch.nn.Module | None) -> torch.Tensor:
-        h = self._hidden
-        for i in range(self.start, self.lm.arch.num_layers):
-            args, kwargs = self._inputs[i]
-            if args:
-                out = self.lm.arch.module(self.lm.arch.blocks[i].path)(h, *args[1:], **kwargs)
-            else:
-                out = self.lm.arch.module(self.lm.arch.blocks[i].path)(**{**kwargs, "hidden_states": h})
-            h = out[0] if isinstance(out, tuple) else out
-        if norm is not None:
-            h = norm(h)
-        return self.lm.model.get_output_embeddings()(h[self.group.keep]).float()
+        with self.prefix.use():
+            return kept_logits(self.lm, self.group)
 
 
 def kept_logits(lm: LM, group: _Group) -> torch.Tensor:
