@@ -45,12 +45,13 @@ class RepairConfig(MethodConfig):
         default=1.0, gt=0.0, le=1e6,
         description="Added to the Fisher's diagonal, as a fraction of its mean (keeps H⁻¹ bounded on unused parameters).",
     )
-    curvature: Literal["empirical", "diagonal"] = Field(
-        default="empirical",
-        description="H of the influence scores and of the Newton removal: `empirical` (the empirical Fisher "
-        "Σ_z ∇log p(z) ∇log p(z)ᵀ over the calibration's facts, exact, inverted through the Woodbury identity; "
-        "it has the rank of the number of facts) or `diagonal` (its diagonal over the training rows). Both are "
-        "damped by `damping` × the mean of their diagonal.",
+    curvature: Literal["diagonal", "empirical"] = Field(
+        default="diagonal",
+        description="H of the influence scores and of the Newton removal: `diagonal` (the diagonal of the empirical "
+        "Fisher over the training rows; measured better at 500 facts, docs/repair-notes.md) or `empirical` (the "
+        "empirical Fisher Σ_z ∇log p(z) ∇log p(z)ᵀ over the calibration's facts, exact, inverted through the "
+        "Woodbury identity; it has the rank of the number of facts). Both are damped by `damping` × the mean of "
+        "their diagonal.",
     )
     parameters: Literal["KV", "V"] = Field(
         default="KV", description="Trained tensors of the calibration slots the repair reads and changes: keys and values, or values only.",
