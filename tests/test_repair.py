@@ -90,6 +90,55 @@ def test_newton_removal_keeps_the_other_facts(tiny_llama, planted):
     assert influence.deltas == {} and len(influence.causes) == len(facts)
 
 
+
+TRUE = [("Paul", "Lyon"), ("Maria", "Rome"), ("Kenji", "Berlin"), ("Olga", "Madrid"), ("Pedro", "Vienna"), ("Aisha", "Lisbon")]
+
+
+@pytest.fixture(scope="module")
+def knowing():
+    """A tiny model of its own, taught the TRUE facts (a few Adam steps on its weights: it must hold
+    them with a margin, which a random model does not), and a calibration in which a wrong object
+    for Paul pulls his answer away; the other facts are calibrated with their true objects."""
+    from app.lm.testing import tiny_lm
+    from app.methods.repair.method import _row_logp
+
+    lm = tiny_lm("llama", seed=1)
+    rows = [tuple(encode_item(lm, ScoreItem(T, s, o))[:2]) for s, o in TRUE]
+    params = list(lm.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=2e-3)
+    for _ in range(25):
+        loss = -_row_logp(lm, rows, []).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+    facts = [Fact("Paul", "Paris", None, T)] + [Fact(s, o, None, T) for s, o in TRUE[1:]]
+    cal = dict(CAL, steps=40)
+    return lm, facts, Fact("Paul", "Lyon", None, T), cal, calibrate(lm, facts, CaliNetConfig(**cal)).delta
+
+
+def test_newton_removal_with_the_empirical_fisher_fixes_the_failure_of_a_planted_fact(knowing):
+    lm, facts, truth, cal, delta = knowing
+    true_rows = rows_of(lm, [truth] + facts[1:])
+    assert all(ok for _, ok in score_rows(lm, true_rows, []))  # the model knows every true fact
+    assert not score_rows(lm, true_rows[:1], [delta])[0][1]  # the calibration broke Paul's answer
+    # ... and the planted fact is why: calibrated without it, Paul is answered right (the reference)
+    without = calibrate(lm, facts[1:], CaliNetConfig(**cal)).delta
+    assert all(ok for _, ok in score_rows(lm, true_rows, [without]))
+
+    questions = build_questions(lm, [Failure(fact=truth)])
+    out = repair(lm, questions, [ScopedCalibration("cal", delta, facts)], [],
+                 config=RepairConfig(top_k=1, treatment="newton", curvature="empirical"))
+    assert out.causes[0].fact == 0 and out.causes[0].score > out.causes[1].score
+    assert out.report["failures"]["query"]["fixed"] == 1
+    repaired = [delta, out.deltas["cal"]]
+    assert all(ok for _, ok in score_rows(lm, true_rows, repaired))  # Paul fixed, the others still hold
+    assert out.report["perplexity_generic"]["ratio"] <= 1.01
+
+
 # -- over HTTP -----------------------------------------------------------------------------------
 
 
