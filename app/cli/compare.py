@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from app.cli.common import (DEFAULT_RESULTS, DatasetChoice, ModeChoice, command_text, make_backend, parse_config,
+from app.cli.common import (DEFAULT_RESULTS, DatasetChoice, ModeChoice, command_line, command_text, make_backend, parse_config,
                             progress_bar, quiet_http_logs, set_threads, stage_progress)
 from app.eval.compare import COLUMNS, compare_markdown, summary_row
 
@@ -101,6 +101,6 @@ def _run_one(dataset, file, method, cfg_dict, n, sequential, held, held_min_accu
         backend.close()
     data = result.as_dict()
     data["backend"] = where
-    data["env"] = environment(["compare", "..."])
+    data["env"] = environment(command_line("compare"))  # the command that made this run
     write_eval(data, out)
     return data
