@@ -203,6 +203,13 @@ def test_repair_over_http_report_apply_and_revert(service, tiny_llama):
     assert r.status_code == 202, r.text
     rep = _wait(client, f"/repairs/{r.json()['id']}", ("reported", "active", "failed"))
     assert rep["status"] == "active", rep
+    # "active" is the committed result; this process switches the deltas on right after, and the
+    # job has succeeded once they are on (other replicas follow by polling)
+    deadline = time.monotonic() + 60
+    while rep["job"]["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rep = client.get(f"/repairs/{rep['id']}", headers=auth(READER)).json()
+    assert rep["job"]["status"] == "succeeded", rep
     assert any(k.startswith(f"repair:{rep['id']}") for k in rt.lm.global_keys())
     fixed = [_score(client, p, t) for p, t in probes]
     assert fixed[0] > served[0] and fixed[1] < served[1]
