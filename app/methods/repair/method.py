@@ -308,13 +308,15 @@ class Curvature:
     ``empirical``: ``H = Gᵀ G`` with G the per-fact gradients [n_facts, P] (the empirical Fisher of
     the data, a fact being one datum), exact; its rank is at most the number of facts, so
     ``(λI + GᵀG)⁻¹ v = (v - Gᵀ (λI + G Gᵀ)⁻¹ G v) / λ`` (Woodbury) costs an n_facts² solve.
-    Both are damped by ``damping`` × the mean of their diagonal."""
+    Both are damped by ``damping`` × the mean of their diagonal. ``fisher`` is the damped diagonal
+    (per row) in either case: the EWC penalty reads it."""
 
     def __init__(self, kind: str, fact_grads: torch.Tensor, row_sumsq: torch.Tensor, n_rows: int, damping: float):
         self.kind = kind
+        fisher = row_sumsq / n_rows
+        self.fisher = fisher + damping * float(fisher.mean().clamp(min=1e-12))
+        self.diag = n_rows * self.fisher
         if kind == "diagonal":
-            fisher = row_sumsq / n_rows
-            self.diag = n_rows * (fisher + damping * float(fisher.mean().clamp(min=1e-12)))
             return
         G = fact_grads.double()
         self.G = G
@@ -339,7 +341,6 @@ class _CalState:
     rows: list[Row]
     row_fact: list[int]
     fact_grads: torch.Tensor  # [n_facts, P]
-    fisher: torch.Tensor  # [P], mean over rows of the squared row gradient, damped
     fact_logp: torch.Tensor  # [n_facts]
     n_rows: int
     query_grad: torch.Tensor  # [P]
@@ -443,15 +444,13 @@ def repair(
             sumsq += grads.pow(2).sum(0)
             tick(float(-logp.mean()))
         n_rows = max(1, len(rows))
-        fisher = sumsq / n_rows
-        fisher = fisher + config.damping * float(fisher.mean().clamp(min=1e-12))
         curvature = Curvature(config.curvature, fact_grads, sumsq, n_rows, config.damping)
         qgrad = torch.zeros(slots.size)
         for edit, members in _groups(questions, query, routes).items():
             fixed_q = [d for d in served(edit=edit) if d is not c.delta]
             for _, _, grads in row_gradients(lm, slots, [qrows[i] for i in members], fixed_q, bs):
                 qgrad += grads.sum(0)
-        st = _CalState(c, slots, rows, row_fact, fact_grads, fisher, fact_logp, n_rows, qgrad, curvature)
+        st = _CalState(c, slots, rows, row_fact, fact_grads, fact_logp, n_rows, qgrad, curvature)
         states.append(st)
         influence = -(fact_grads @ curvature.solve(qgrad))
         if config.identify == "influence":
@@ -594,7 +593,7 @@ def repair(
 
 def _fisher_penalty(st: _CalState, vec: torch.Tensor, theta0: torch.Tensor, l2: float) -> torch.Tensor:
     diff = vec - theta0
-    return 0.5 * st.n_rows * (st.fisher.to(vec.device) * diff.pow(2)).sum() + 0.5 * l2 * diff.pow(2).sum()
+    return 0.5 * st.n_rows * (st.curvature.fisher.to(vec.device) * diff.pow(2)).sum() + 0.5 * l2 * diff.pow(2).sum()
 
 
 def _optimise(lm, st: _CalState, objective, config: RepairConfig, *, penalty: bool) -> torch.Tensor:
