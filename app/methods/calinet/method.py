@@ -124,11 +124,17 @@ def generic_sentences(part: str) -> list[str]:
     raise ValueError(part)
 
 
+def start_rows(lm, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """(a start-of-text token, the text's token ids) of each non-empty text: how a text is scored
+    on its own."""
+    tok = lm.tokenizer
+    start = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    return [(start, ids) for ids in (tok(t, add_special_tokens=False).input_ids for t in texts) if ids]
+
+
 def perplexity(lm, texts: Sequence[str], *, deltas=None, batch_size: int = 32) -> float:
     """exp(mean token NLL) of each text after a start-of-text token, pooled over all tokens."""
-    start = [lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id]
-    pairs = [(start, lm.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    scores = lm.score_ids(pairs, deltas=deltas, batch_size=batch_size)
+    scores = lm.score_ids(start_rows(lm, texts), deltas=deltas, batch_size=batch_size)
     total = sum(s.logprob for s in scores)
     count = sum(len(s.token_logprobs) for s in scores)
     return math.exp(-total / max(1, count))
@@ -304,8 +310,7 @@ def calibrate(
     v = torch.zeros(slots, d_out, device=device, requires_grad=True)
     delta = Delta("ffn_slots", {f"{path}::K": k, f"{path}::V": v}, {"act": config.act, "method": "calinet", "layer": str(layer)})
     act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[config.act]
-    start = [lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id]
-    kl_ids = [start + lm.tokenizer(t, add_special_tokens=False).input_ids for t in fit_texts]
+    kl_ids = [start + ids for start, ids in start_rows(lm, fit_texts)]
 
     steps_per_epoch = max(1, math.ceil(len(by_fact) / config.batch_size))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))

@@ -43,7 +43,7 @@ from app.knowledge.cka import ScoreItem, encode_item, pack_left
 from app.knowledge.facts import Fact, prefix, resolve
 from app.knowledge.templates import subject_first
 from app.methods.base import FitResult, Method, ProgressFn, register
-from app.methods.calinet.method import fact_splits, generic_kl, generic_sentences
+from app.methods.calinet.method import fact_splits, generic_kl, generic_sentences, start_rows
 from app.methods.repair.config import STEP_GRID, RepairConfig
 
 log = logging.getLogger(__name__)
@@ -200,12 +200,7 @@ def _row_logp(lm, rows: Sequence[Row], deltas: Sequence[Delta]) -> torch.Tensor:
 
 
 def perplexity_with(lm, texts: Sequence[str], deltas: Sequence[Delta], batch_size: int = 32) -> float:
-    start = [lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id]
-    rows = []
-    for t in texts:
-        ids = lm.tokenizer(t, add_special_tokens=False).input_ids
-        if ids:
-            rows.append((start, ids))
+    rows = start_rows(lm, texts)
     total, count = 0.0, 0
     for (lp, _), (_, ids) in zip(score_rows(lm, rows, deltas, batch_size), rows):
         total, count = total + lp, count + len(ids)
@@ -655,9 +650,7 @@ def _optimise_treatment(lm, st: _CalState, facts: list[int], questions, query, r
     groups = _groups(questions, query, routes)
     qrows = [(e, (questions[i].prompt, questions[i].target)) for e, m in groups.items() for i in m]
 
-    start = [lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id]
-    generic = [start + ids for ids in (lm.tokenizer(t, add_special_tokens=False).input_ids
-                                       for t in generic_sentences("fit")[: config.guard_sentences]) if ids]
+    generic = [start + ids for start, ids in start_rows(lm, generic_sentences("fit")[: config.guard_sentences])]
     reference = served()
 
     def objective(delta: Delta, step: int) -> torch.Tensor:
