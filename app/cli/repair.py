@@ -427,9 +427,10 @@ def repair_eval_edits_cmd(
                     "scope": {"edits": "all", "calibrations": []}, "treatment": "revert", "apply": apply,
                     "config": {"top_k": 1}}
             rid = backend.request("POST", "/repairs", json=body)["id"]
-            while True:
+            while True:  # until the job is over: an applied repair reads "active" before it reverts the edits
                 rep = backend.request("GET", f"/repairs/{rid}")
-                if rep["status"] in ("reported", "active", "failed"):
+                job = (rep.get("job") or {}).get("status")
+                if rep["status"] in ("reported", "active", "failed") and job in (None, "succeeded", "failed"):
                     return rep
                 time.sleep(0.5)
 
