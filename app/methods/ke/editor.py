@@ -196,10 +196,8 @@ def _capture(lm: LM) -> _Capture:
 class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    target_pos: torch.Tensor  # [n_target, 2] (row, position predicting the token)
     targets: torch.Tensor  # [n_target]
     target_row: torch.Tensor  # [n_target]
-    last_prompt: torch.Tensor  # [rows] position of each row's last prompt token
     rows: int
     keep: torch.Tensor  # [rows, width] bool: the positions whose logits are used (targets, last prompt token)
     target_idx: torch.Tensor  # [n_target] index of each target's position among the kept ones (row-major)
@@ -229,8 +227,7 @@ def make_batch(lm: LM, examples: Sequence[tuple[list[int], list[int]]]) -> Batch
     target_idx = order[torch.tensor([r * width + c for r, c in pos])]
     last_idx = order[torch.tensor([r * width + c for r, c in enumerate(last)])]
     dev = lm.device
-    return Batch(ids.to(dev), attn.to(dev), torch.tensor(pos, device=dev), torch.tensor(tgt, device=dev),
-                 torch.tensor(trow, device=dev), torch.tensor(last, device=dev), len(rows),
+    return Batch(ids.to(dev), attn.to(dev), torch.tensor(tgt, device=dev), torch.tensor(trow, device=dev), len(rows),
                  keep.to(dev), target_idx.to(dev), last_idx.to(dev))
 
 
