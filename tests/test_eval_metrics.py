@@ -254,6 +254,20 @@ def test_independent_run_reverts_every_edit(tmp_path):
     assert res.routing["in_correct"] == 6
 
 
+def test_independent_run_measures_held_accuracy_with_each_edit_in_place(tmp_path):
+    cases = _cases(8)
+    c = cases[0]  # its subject "S" is in every question: while it is in place, every held answer changes
+    cases[0] = EditCase(c.case_id, c.prompt, c.target, "S", c.truth, c.paraphrase, c.locality_prompt,
+                        c.locality_answer)
+    res = _run(tmp_path, cases, StubService(_facts(cases)), n=2, sequential=False, held=3)
+    assert res.held["case_ids"] == ["2", "4", "6"]
+    edited = res.rows[1]
+    # Edit 0 breaks all three held answers, edit 1 none; each is reverted before the next.
+    assert edited["held_accuracy"] == pytest.approx(0.5)
+    assert edited["performance_deterioration"] == pytest.approx(0.5)
+    assert res.routing["out_routed"] >= 3  # the held questions routed to edit 0 count as outside queries routed
+
+
 def test_sequential_run_detects_locality_damage(tmp_path):
     cases = _cases(4)
     for i, c in enumerate(cases):  # locality prompts mention the subject: the stub routes them wrongly

@@ -500,7 +500,7 @@ class Runner:
             if cfg.sequential:
                 results, curves, fu, routing, held_acc = self._sequential(cases, refs, helds, sup, base_results)
             else:
-                results, routing = self._independent(cases, refs, base_results)
+                results, routing, held_acc = self._independent(cases, refs, base_results, helds)
         edited_single = self.probe_latency(probe) if editing and cfg.sequential else []
         if cfg.base_from is not None:
             self._load_base()  # a no-op once loaded (a sequential run loads it before its final measurement)
@@ -703,12 +703,17 @@ class Runner:
             "fu_ratio": fu.ratio,
         }
 
-    def _independent(self, cases, refs, base_results):
+    def _independent(self, cases, refs, base_results, helds):
+        """Each edit alone: made, measured in every form (the held set too), reverted. Held accuracy is
+        the mean over the edits of the held set's accuracy with that one edit in place (De Cao et al.'s
+        performance deterioration of single edits)."""
         if self.cfg.base_from is not None:
             self._load_base()  # each edit is measured at once: the base state is needed from the start
         first = self.modes[0]
         sup = [None] * len(cases)
         results = {m: self._new_results(cases, sup, m) for m in self.modes}
+        held_runs: dict[str, list[float]] = {m: [] for m in self.modes}
+        held_out: list[str | None] = []
         free_mode = "chat" if "chat" in self.modes else first
         for i, c in enumerate(cases):
             r = results[first][i]
@@ -720,13 +725,19 @@ class Runner:
                     tf = self._measure_all([c], [i], [rm], refs, base_results, m)
                     if m == first:
                         r.success_after_edit = bool(tf["rel_s"][0] and tf["rel_s"][0].all_correct)
+                    acc, scores = self.held_accuracy(helds[m][0])
+                    if acc is not None and r.edit_id is not None:
+                        held_runs[m].append(acc)
+                        if m == first:
+                            held_out.extend(s.edit_id for s in scores)
                 self.fill_free([results[free_mode][i]], [c], self.measure_free([c], [i]))
             finally:
                 self.mode = first
                 if r.edit_id is not None:
                     self.b.revert(r.edit_id)
             self.progress("editing", i + 1, len(cases))
-        return results, self._routing(results[first])
+        held_acc = {m: (sum(v) / len(v) if v else None) for m, v in held_runs.items()}
+        return results, self._routing(results[first], extra_out=held_out), held_acc
 
     @staticmethod
     def _routing(results: Sequence[CaseResult], extra_out: Sequence[str | None] = ()) -> dict[str, Any]:
