@@ -146,6 +146,10 @@ def test_fine_tuning_baselines_write_the_target_as_a_dense_delta(lm, name):
     cfg = method.parse_config({"layers": -1, "max_steps": 40, "lr": 5e-2, **({"radius": 0.1} if name != "ft" else {})})
     fit = method.fit(lm, EditRequest(prompt=prompt, target=target), cfg)
     assert fit.delta.kind == "dense" and fit.info["converged"] and _holds(lm, prompt, target, fit.delta)
+    # The chat form is trained too (the service's default form): the edit leads the chat answer.
+    assert lm.has_chat_template
+    assert not lm.score([prompt], [target], mode="chat")[0].all_correct
+    assert lm.score([prompt], [target], mode="chat", deltas=[fit.delta])[0].all_correct
     assert fit.delta.modules() == [lm.arch.blocks[-1].mlp_out]
     if name == "ft_constrained":
         assert fit.info["max_abs"] <= 0.1 + 1e-7

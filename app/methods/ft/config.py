@@ -24,6 +24,12 @@ class FtConfig(MethodConfig):
     )
     lr: float = Field(default=1e-3, gt=0, le=1.0, description="Adam learning rate of the weight difference.")
     max_steps: int = Field(default=40, ge=1, le=1000, description="Most optimiser steps before giving up.")
+    chat: bool = Field(
+        default=True,
+        description="Also train the prompt's chat form, when the model has a chat template: without it a "
+        "fine-tuned edit never leads a chat answer (the service's default form). False: completion form "
+        "only, as in the papers.",
+    )
     routed: bool = Field(
         default=True,
         description="Serve the edit behind the selector (only queries routed to it see the delta); false: the "

@@ -1,10 +1,11 @@
 """Fine-tuning baselines (the `ft` method): gradient steps on chosen weight matrices until the
-target is the greedy continuation of the prompt (and of each paraphrase the request gives).
+target is the greedy continuation of the prompt (and of each paraphrase the request gives), in
+completion form and, with ``chat`` (default), in chat form.
 
 The tuned matrices are never written: the trainable tensor is the *difference* ΔW, a ``dense``
-delta applied by forward hooks (output += x ΔWᵀ), so a revert is "stop applying it". Training
-runs on the prompt in completion form only, with no locality term: the plain baseline of the
-papers. ``ft_constrained`` reuses this loop with ΔW kept in an L∞ box.
+delta applied by forward hooks (output += x ΔWᵀ), so a revert is "stop applying it". There is no
+locality term: the plain baseline of the papers (``"chat": false`` trains completion form only, as
+they do). ``ft_constrained`` reuses this loop with ΔW kept in an L∞ box.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ def zero_delta(lm: LM, modules: list[str], method: str, routed: bool) -> Delta:
     return Delta("dense", tensors, {"method": method, "routed": "true" if routed else "false"})
 
 
-def _plain_groups(lm: LM, request: EditRequest):
-    """The request's prompt and paraphrases in completion form, nothing added (no locality term)."""
+def _plain_groups(lm: LM, request: EditRequest, chat: bool):
+    """The request's prompt and paraphrases in completion form (and in chat form with ``chat``),
+    nothing added (no locality term)."""
     cfg = PnPConfig(kl_weight=0.0, locality_prompts=0, subject_templates=0, context_prefixes=0, context_sentences=0, chat=False,
                     end_boundary=False)
     plain = EditRequest(prompt=request.prompt, target=request.target, subject=request.subject,
-                        paraphrases=list(request.paraphrases), modes=("completion",))
+                        paraphrases=list(request.paraphrases),
+                        modes=("completion", "chat") if chat and lm.has_chat_template else ("completion",))
     return build_groups(lm, plain, cfg)
 
 
@@ -65,7 +68,7 @@ def fine_tune(lm: LM, request: EditRequest, config: FtConfig, *, method: str, ra
     if not request.prompt.strip() or not request.target.strip():
         raise ValueError("an edit needs a non-empty prompt and target")
     delta = zero_delta(lm, tuned_modules(lm, config), method, config.routed)
-    groups, n_examples, _ = _plain_groups(lm, request)
+    groups, n_examples, _ = _plain_groups(lm, request, config.chat)
     params = [t.requires_grad_(True) for t in delta.tensors.values()]
     opt = torch.optim.Adam(params, lr=config.lr)
     counts = _token_counts(groups, n_examples, lm.device)
