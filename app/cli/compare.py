@@ -11,7 +11,7 @@ import typer
 
 from app.cli.common import (DEFAULT_RESULTS, DatasetChoice, ModeChoice, command_line, command_text, make_backend, parse_config,
                             progress_bar, quiet_http_logs, set_threads, stage_progress)
-from app.eval.compare import COLUMNS, compare_markdown, summary_row
+from app.eval.compare import COLUMNS, compare_markdown, table_rows
 
 
 def compare_command(
@@ -71,13 +71,13 @@ def compare_command(
                          mode, seed, out / m, model, threads, console) for m in names]
     out.mkdir(parents=True, exist_ok=True)
     command = command_text("compare")
-    write_json({"command": command, "columns": COLUMNS, "rows": [summary_row(r) for r in runs],
+    write_json({"command": command, "columns": COLUMNS, "rows": table_rows(runs),
                 "runs": [{k: r.get(k) for k in ("config", "dataset", "model_id", "rows", "timing", "held", "extra")}
                          for r in runs]}, out / "results.json")
     (out / "report.md").write_text(compare_markdown(runs, command), encoding="utf-8")
     from app.eval.report import rich_table
 
-    console.print(rich_table(COLUMNS, [summary_row(r) for r in runs], "methods side by side"))
+    console.print(rich_table(COLUMNS, table_rows(runs), "methods side by side"))
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'}")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 
-COLUMNS = ["method", "config", "n", "success rate", "equivalence acc.", "retain acc.", "perf. deterioration",
+COLUMNS = ["method", "config", "form", "n", "success rate", "equivalence acc.", "retain acc.", "perf. deterioration",
            "reliability (TF)", "generalization (TF)", "locality (TF)", "subject locality", "edit p50 (ms)",
            "edit errors"]
 
@@ -30,21 +30,33 @@ def _mean(stat: dict[str, Any] | None) -> str:
     return f"{stat['mean']:.3f}"
 
 
-def summary_row(data: dict[str, Any]) -> list[str]:
-    """The comparison row of one eval's results.json (its edited row, else the base row)."""
+def summary_rows(data: dict[str, Any]) -> list[list[str]]:
+    """The comparison rows of one eval's results.json: one per prompt form its edited rows were
+    measured in (completion, chat), else its base row alone."""
     rows = data.get("rows", [])
-    row = rows[1] if len(rows) > 1 else rows[0]
     cfg = data.get("config", {})
-    pd = row.get("performance_deterioration")
+    method = cfg.get("method")
+    edited = [r for r in rows if not str(r.get("name", "")).startswith("base (no edits)")] or rows[:1]
     edit = (data.get("timing") or {}).get("edit_wall_ms") or {}
     config = ", ".join(f"{k}={v}" for k, v in sorted((cfg.get("config") or {}).items())) or "defaults"
     mode = "sequential" if cfg.get("sequential", True) else "one at a time, reverted"
     errors = sum((data.get("extra") or {}).get("edit_errors", {}).values())
-    return [cfg.get("method", row["name"]), f"{config}; {mode}", str(row["n"]), _mean(row.get("rel_em")),
-            _mean(row.get("gen_em")), _mean(row.get("loc_em")), "n/a" if pd is None else f"{pd:.3f}",
-            _mean(row.get("rel_tf")), _mean(row.get("gen_tf")), _mean(row.get("loc_tf")),
-            _mean(row.get("subject_locality")),
-            "n/a" if edit.get("p50") is None else f"{edit['p50']:.0f}", str(errors)]
+    out = []
+    for row in edited:
+        pd = row.get("performance_deterioration")
+        out.append([method or row["name"], f"{config}; {mode}", str(row.get("mode") or "completion"), str(row["n"]),
+                    _mean(row.get("rel_em")), _mean(row.get("gen_em")), _mean(row.get("loc_em")),
+                    "n/a" if pd is None else f"{pd:.3f}", _mean(row.get("rel_tf")), _mean(row.get("gen_tf")),
+                    _mean(row.get("loc_tf")), _mean(row.get("subject_locality")),
+                    "n/a" if edit.get("p50") is None else f"{edit['p50']:.0f}", str(errors)])
+    return out
+
+
+def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """Every run's rows, completion-form rows of all methods first, then chat."""
+    rows = [row for r in runs for row in summary_rows(r)]
+    forms = list(dict.fromkeys(row[2] for row in rows))
+    return [row for f in forms for row in rows if row[2] == f]
 
 
 def compare_markdown(runs: list[dict[str, Any]], command: str) -> str:
@@ -58,6 +70,6 @@ def compare_markdown(runs: list[dict[str, Any]], command: str) -> str:
         f"{first.get('model_id')}. Success rate = reliability (greedy EM), equivalence accuracy = "
         "generalization (greedy EM), retain accuracy = locality (greedy EM), performance deterioration = "
         "1 - held accuracy after / before (De Cao et al.).", "",
-        markdown_table(COLUMNS, [summary_row(r) for r in runs]), "",
+        markdown_table(COLUMNS, table_rows(runs)), "",
     ]
     return "\n".join(lines)
