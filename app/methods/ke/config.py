@@ -30,11 +30,6 @@ class KeConfig(MethodConfig):
         "has a chat template. Without it an edit seldom reaches chat answers (the service's default form): the "
         "editor is trained on completion form (docs/ke-notes.md).",
     )
-    frames: int = Field(
-        default=0, ge=0, le=16,
-        description="Also take the subject in this many generic frames (\"<subject> is\", ...; completion form) "
-        "into the gradient, not into the `loop` stop rule; needs the request's subject.",
-    )
     routed: bool = Field(
         default=True,
         description="Serve the edit behind the selector (only queries routed to it see the update); false: the "

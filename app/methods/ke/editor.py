@@ -202,7 +202,6 @@ class Batch:
     keep: torch.Tensor  # [rows, width] bool: the positions whose logits are used (targets, last prompt token)
     target_idx: torch.Tensor  # [n_target] index of each target's position among the kept ones (row-major)
     last_idx: torch.Tensor  # [rows] index of each row's last prompt position among the kept ones
-    row_weight: torch.Tensor | None = None  # [rows] weight of each row in the loss (None: all equal)
 
 
 def make_batch(lm: LM, examples: Sequence[tuple[list[int], list[int]]]) -> Batch:
@@ -248,12 +247,7 @@ def target_nll(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.
     count = torch.zeros(batch.rows, device=logits.device).index_add(0, batch.target_row, torch.ones_like(nll))
     hit = at.argmax(-1).eq(batch.targets).float()
     hits = torch.zeros(batch.rows, device=logits.device).index_add(0, batch.target_row, hit)
-    mean_nll = per_row / count.clamp(min=1)
-    if batch.row_weight is not None:
-        loss = (mean_nll * batch.row_weight).sum() / batch.row_weight.sum()
-    else:
-        loss = mean_nll.mean()
-    return loss, hits.eq(count)
+    return (per_row / count.clamp(min=1)).mean(), hits.eq(count)
 
 
 def edit_gradients(lm: LM, paths: Sequence[str], batch: Batch, deltas: Sequence[Delta] = (),

@@ -30,7 +30,7 @@ def train_command(lm: LM) -> str:
 
 
 def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, scale: float = 1.0,
-                 chat: bool = False, check: bool = True, frames: int = 0) -> tuple[Delta, int, bool | None, bool, dict[str, bool]]:
+                 chat: bool = False, check: bool = True) -> tuple[Delta, int, bool | None, bool, dict[str, bool]]:
     """(delta, passes, the target holds on every prompt, the unedited model already wrote it after
     the prompt, per form whether the target holds on the prompt with the returned delta) for
     ``request``; with ``chat`` (and a chat template) the prompt's chat form joins the gradient and
@@ -43,22 +43,11 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, 
     rows = [(p, m, lm.prompt_ids(p, m), lm.target_ids(p, request.target, m))
             for m in modes for p in (prompts if m == "completion" else prompts[:1])]
     rows = [r for r in rows if r[3]]
-    own = len(rows)
-    if frames and request.subject and request.subject.strip():
-        from app.methods.pnp.method import SUBJECT_TEMPLATES
-
-        for frame in SUBJECT_TEMPLATES[:frames]:
-            p = frame.format(s=request.subject.strip())
-            t = lm.target_ids(p, request.target, "completion")
-            if t:
-                rows.append((p, "frame", lm.prompt_ids(p, "completion"), t))
     examples = [(ids, t) for _, _, ids, t in rows]
-    prompt_rows = {m: i for i, (p, m, _, _) in enumerate(rows[:own]) if p == request.prompt}
+    prompt_rows = {m: i for i, (p, m, _, _) in enumerate(rows) if p == request.prompt}
     if not examples:
         raise ValueError("the target encodes to no tokens")
     batch = E.make_batch(lm, examples)
-    if len(rows) > own:  # the frames weigh as one row together: the request's own rows keep their share
-        batch.row_weight = torch.tensor([1.0] * own + [1.0 / (len(rows) - own)] * (len(rows) - own), device=lm.device)
     delta: Delta | None = None
     passes, holds, base_holds = 0, False, False
     embeds = None
@@ -72,7 +61,7 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, 
             per_row = E.target_nll(E.batch_logits(lm, batch), batch)[1]
         forms.clear()
         forms.update({m: bool(per_row[i]) for m, i in prompt_rows.items()})
-        return bool(per_row[:own].all())
+        return bool(per_row.all())
 
     while passes < loop:
         if delta is not None and held_by(delta):  # the update holds already: no further gradient
@@ -130,8 +119,7 @@ class KnowledgeEditorMethod(Method[KeConfig]):
         self.check(lm, config)
         ef = E.attached(lm)
         delta, passes, holds, base_holds, prompt_holds = apply_editor(
-            lm, ef, request, config.loop, config.effective_scale(), config.chat, check=False,
-            frames=config.frames)
+            lm, ef, request, config.loop, config.effective_scale(), config.chat, check=False)
         meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
                 "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16]}
         final = Delta("lora", {k: v.detach().contiguous() for k, v in delta.tensors.items()}, meta)
