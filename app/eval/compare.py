@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.eval.runner import BASE_ROW
+
 
 COLUMNS = ["method", "config", "form", "n", "success rate", "equivalence acc.", "retain acc.", "perf. deterioration",
            "reliability (TF)", "generalization (TF)", "locality (TF)", "subject locality", "edit p50 (ms)",
@@ -36,7 +38,7 @@ def summary_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = data.get("rows", [])
     cfg = data.get("config", {})
     method = cfg.get("method")
-    edited = [r for r in rows if not str(r.get("name", "")).startswith("base (no edits)")] or rows[:1]
+    edited = [r for r in rows if not str(r.get("name", "")).startswith(BASE_ROW)] or rows[:1]
     edit = (data.get("timing") or {}).get("edit_wall_ms") or {}
     config = ", ".join(f"{k}={v}" for k, v in sorted((cfg.get("config") or {}).items())) or "defaults"
     mode = "sequential" if cfg.get("sequential", True) else "one at a time, reverted"
@@ -55,8 +57,9 @@ def summary_rows(data: dict[str, Any]) -> list[list[str]]:
 def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
     """Every run's rows, completion-form rows of all methods first, then chat."""
     rows = [row for r in runs for row in summary_rows(r)]
-    forms = list(dict.fromkeys(row[2] for row in rows))
-    return [row for f in forms for row in rows if row[2] == f]
+    form = COLUMNS.index("form")
+    forms = list(dict.fromkeys(row[form] for row in rows))
+    return [row for f in forms for row in rows if row[form] == f]
 
 
 def compare_markdown(runs: list[dict[str, Any]], command: str) -> str:

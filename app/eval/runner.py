@@ -163,6 +163,8 @@ class EvalResult:
 
 
 # Settings that must be equal for base-model measurements to be reused by another run.
+BASE_ROW = "base (no edits)"  # the name of a run's unedited row (before its form, e.g. "(chat)")
+
 BASE_KEYS = ("dataset", "n", "start", "shuffle", "seed", "held", "held_pool", "held_min_accuracy",
              "locality_tokens", "max_answer_tokens", "subject_queries", "fluency_n", "fluency_tokens", "free_tokens")
 
@@ -510,7 +512,7 @@ class Runner:
         for mode in self.modes:
             held = helds[mode][0]
             base_act = [base_results[mode][i] for i in active]
-            rows.append(self.row(self._row_name("base (no edits)", mode), base_act, mode=mode,
+            rows.append(self.row(self._row_name(BASE_ROW, mode), base_act, mode=mode,
                                  held_accuracy=1.0 if held else None,
                                  performance_deterioration=0.0 if held else None, fu_ratio=None))
             if not editing:

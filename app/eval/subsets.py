@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Iterable
 
-from app.eval.runner import CaseResult, EvalConfig, Runner
+from app.eval.runner import BASE_ROW, CaseResult, EvalConfig, Runner
 
 
 class SubsetError(ValueError):
@@ -68,7 +68,7 @@ def subset_rows(results: dict[str, Any], spec: str, name: str) -> dict[str, Any]
             raise SubsetError(f"no case of the run has an id in {spec!r}")
         b = [base[i] for i in keep]
         label = lambda s: f"{s} ({mode})" if multi else s  # noqa: E731
-        rows.append(runner.row(label(f"base (no edits), {name}"), b, mode=mode))
+        rows.append(runner.row(label(f"{BASE_ROW}, {name}"), b, mode=mode))
         if edited:
             by_id = {c.case_id: c for c in edited}
             e = [by_id[c.case_id] for c in b]
