@@ -61,6 +61,35 @@ def test_tiny_editor_trains_with_checkpoint_curve_and_resume(lm, trained):
     assert more["steps"] == 8 and more["finished"]
 
 
+def test_unrelated_inputs_can_carry_the_base_models_own_continuation(lm, trained):
+    """With ``unrelated_continuation`` the KL constraint also covers the positions where the base model
+    writes its answer to an unrelated input: the greedy continuation of the model without the edit."""
+    from app.methods.ke import editor as E
+    from app.methods.ke.train import _unrelated_batch, _unrelated_kl
+
+    text = UNRELATED[0]
+    prompt = lm.prompt_ids(text, "completion")
+    cont = lm.generate([text], max_new_tokens=5, mode="completion", deltas=[])[0].token_ids
+    assert cont, "the tiny model writes something"
+    ids, attn = _unrelated_batch(lm, [text], 5)
+    assert ids[0, : int(attn[0].sum())].tolist() == prompt + cont
+    plain_ids, _ = _unrelated_batch(lm, [text])
+    assert plain_ids[0].tolist() == prompt
+    # The KL reads every position of prompt and continuation: an edit moves it there too.
+    from app.methods import EditRequest, get
+
+    E.attach(lm, E.load_editor(trained[0] / "editor.safetensors"))
+    try:
+        method = get("ke")
+        delta = method.fit(lm, EditRequest(prompt=FACTS[0][0], target=FACTS[0][1]),
+                           method.parse_config({"loop": 5, "routed": False})).delta
+    finally:
+        E.attach(lm, None)
+    with_cont = float(_unrelated_kl(lm, delta, (ids, attn)))
+    prompt_only = float(_unrelated_kl(lm, delta, _unrelated_batch(lm, [text])))
+    assert with_cont > 0.0 and prompt_only > 0.0 and with_cont != prompt_only
+
+
 def test_editor_file_round_trips_through_safetensors(lm, trained, tmp_path):
     from app.methods.ke import editor as E
 

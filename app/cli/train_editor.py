@@ -71,6 +71,10 @@ def train_editor_cmd(
     lr: float = typer.Option(1e-3, "--lr", min=1e-6, help="Adam learning rate of the editor."),
     margin: float = typer.Option(1e-2, "--margin", min=0.0, help="m: KL budget on unrelated inputs."),
     paraphrases: bool = typer.Option(True, "--paraphrases/--no-paraphrases", help="The +P^x variant."),
+    unrelated_continuation: int = typer.Option(
+        0, "--unrelated-continuation", min=0, max=64,
+        help="Also hold the KL on this many tokens of the base model's greedy continuation of each unrelated "
+        "input (the positions an answer is written at; docs/ke-notes.md, Global edits)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Edited blocks, comma-separated (default: 3 at depth 0.75)."),
     zsre_skip: int = typer.Option(300, "--zsre-skip", min=0, help="zsRE records left to evaluation and validation."),
     val: int = typer.Option(20, "--val", min=1, help="Validation records (zsRE, before --zsre-skip, after the first 200)."),
@@ -111,6 +115,7 @@ def train_editor_cmd(
     train = [r for r in zs[zsre_skip:] if r is not None] + _records_cf(cf_file, 2, seed)
     console.print(f"{len(train)} training records, {len(val_recs)} validation records; model {lm.name}")
     cfg = TrainConfig(steps=steps, lr=lr, margin=margin, paraphrases=paraphrases, layers=layer_list,
+                      unrelated_continuation=unrelated_continuation,
                       val_every=val_every, checkpoint_every=checkpoint_every, seed=seed,
                       max_seconds=max_minutes * 60 if max_minutes else None)
     with Progress(TextColumn("train-editor"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

@@ -48,6 +48,10 @@ class TrainConfig:
     paraphrases: bool = True  # the `+P^x` variant
     max_paraphrases: int = 2
     max_unrelated: int = 2
+    # Tokens of the base model's greedy continuation appended to each unrelated input, so that the
+    # KL also covers the positions an answer is written at (its sentence ends among them: an update
+    # keyed on a question mark or full stop fires there, which the prompt's own positions never show).
+    unrelated_continuation: int = 0
     max_target_tokens: int = 8
     layers: list[int] | None = None
     hidden: int = 64
@@ -71,8 +75,22 @@ def _examples(lm: LM, prompts: Sequence[str], target: str, cap: int) -> list[tup
     return out
 
 
-def _unrelated_batch(lm: LM, texts: Sequence[str]):
-    rows = [lm.prompt_ids(t, "completion")[:48] for t in texts if t.strip()]
+_CONTINUATIONS: dict[tuple[str, str, int], list[int]] = {}
+
+
+def _continuation(lm: LM, text: str, tokens: int) -> list[int]:
+    """The base model's greedy continuation of ``text`` (cached: the base model is frozen)."""
+    key = (lm.name, text, tokens)
+    if key not in _CONTINUATIONS:
+        if len(_CONTINUATIONS) > 50_000:
+            _CONTINUATIONS.clear()
+        _CONTINUATIONS[key] = list(lm.generate([text], max_new_tokens=tokens, mode="completion", deltas=[])[0].token_ids)
+    return _CONTINUATIONS[key]
+
+
+def _unrelated_batch(lm: LM, texts: Sequence[str], continuation: int = 0):
+    rows = [lm.prompt_ids(t, "completion")[:48] + (_continuation(lm, t, continuation) if continuation else [])
+            for t in texts if t.strip()]
     if not rows:
         return None
     width = max(len(r) for r in rows)
@@ -108,14 +126,14 @@ def step_loss(lm: LM, editor: E.KnowledgeEditor, rec: Record, cfg: TrainConfig, 
     batch = E.make_batch(lm, _examples(lm, prompts, rec.target, cfg.max_target_tokens))
     with lm.active([delta]):
         edit_loss, holds = E.target_nll(E.batch_logits(lm, batch), batch)
-    unrelated = _unrelated_batch(lm, rec.unrelated[: cfg.max_unrelated])
+    unrelated = _unrelated_batch(lm, rec.unrelated[: cfg.max_unrelated], cfg.unrelated_continuation)
     kl = _unrelated_kl(lm, delta, unrelated) if unrelated is not None else torch.zeros((), device=lm.device)
     loss = edit_loss + lam * (kl - cfg.margin)
     return loss, {"edit": float(edit_loss.detach()), "kl": float(kl.detach()), "holds": float(holds.float().mean())}
 
 
 @torch.no_grad()
-def validate(lm: LM, ef_editor: E.KnowledgeEditor, records: Sequence[Record]) -> dict:
+def validate(lm: LM, ef_editor: E.KnowledgeEditor, records: Sequence[Record], continuation: int = 0) -> dict:
     """One-pass success on the prompt, success on the first paraphrase (never trained on when the
     record is a validation record), and the mean unrelated KL."""
     from app.methods.base import EditRequest
@@ -134,7 +152,7 @@ def validate(lm: LM, ef_editor: E.KnowledgeEditor, records: Sequence[Record]) ->
                     _, h = E.target_nll(E.batch_logits(lm, b), b)
                 gen += int(h.all())
                 gen_n += 1
-        unrelated = _unrelated_batch(lm, rec.unrelated[:2])
+        unrelated = _unrelated_batch(lm, rec.unrelated[:2], continuation)
         if unrelated is not None:
             kls.append(float(_unrelated_kl(lm, delta, unrelated)))
     n = max(1, len(records))
@@ -233,7 +251,7 @@ def train_editor(lm: LM, train: Sequence[Record], val: Sequence[Record], cfg: Tr
     best = _best_score(out / "curve.jsonl")
     if step == 0:
         editor.eval()
-        point = {"step": 0, "elapsed_s": 0.0, "lambda": lam, **validate(lm, editor, val)}
+        point = {"step": 0, "elapsed_s": 0.0, "lambda": lam, **validate(lm, editor, val, cfg.unrelated_continuation)}
         with (out / "curve.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(point) + "\n")
         log(json.dumps(point))
@@ -269,7 +287,7 @@ def train_editor(lm: LM, train: Sequence[Record], val: Sequence[Record], cfg: Tr
             point = {"step": step, "elapsed_s": round(elapsed, 1), "lambda": lam,
                      "train_edit_loss": sum(r["edit"] for r in recent) / len(recent),
                      "train_holds": sum(r["holds"] for r in recent) / len(recent),
-                     **validate(lm, editor, val)}
+                     **validate(lm, editor, val, cfg.unrelated_continuation)}
             editor.train()
             with (out / "curve.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(point) + "\n")
