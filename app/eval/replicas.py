@@ -176,6 +176,7 @@ class Client:
         self.keys = keys
         self.http = httpx.Client(timeout=300)
         self.last_answered_s = 0.0
+        self.last_miss_s: float | None = None
 
     def _h(self, role: str, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[role]}", **extra}
@@ -208,13 +209,18 @@ class Client:
 
     def visible_after(self, url: str, prompt: str, edit_id: str | None, timeout: float = 10.0) -> float:
         """Seconds from now until the first answer routed to ``edit_id`` was asked for (the time an
-        answer takes to generate is not part of when the replica's router held the change)."""
+        answer takes to generate is not part of when the replica's router held the change).
+        ``last_miss_s`` is then when the last answer that did not see it yet was asked (None: the
+        first one saw it): the change reached every query asked after that, whatever the polling
+        step (one answer's time, long on a busy machine)."""
         t0 = time.monotonic()
+        self.last_miss_s = None
         while time.monotonic() - t0 < timeout:
             asked = time.monotonic()
             if self.answer(url, prompt)["edit_id"] == edit_id:
                 self.last_answered_s = time.monotonic() - t0  # with the answer's own time
                 return asked - t0
+            self.last_miss_s = asked - t0
             time.sleep(0.02)
         raise AssertionError(f"{url} did not route {prompt!r} to {edit_id} within {timeout} s")
 
