@@ -75,6 +75,10 @@ def train_editor_cmd(
         0, "--unrelated-continuation", min=0, max=64,
         help="Also hold the KL on this many tokens of the base model's greedy continuation of each unrelated "
         "input (the positions an answer is written at; docs/ke-notes.md, Global edits)."),
+    init: Optional[Path] = typer.Option(None, "--init", exists=True, dir_okay=False,
+                                        help="Start from this editor file (the same weights) instead of from scratch."),
+    lambda_init: float = typer.Option(0.0, "--lambda-init", min=0.0,
+                                      help="Start of the Lagrange multiplier (e.g. the λ an --init editor ended with)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Edited blocks, comma-separated (default: 3 at depth 0.75)."),
     zsre_skip: int = typer.Option(300, "--zsre-skip", min=0, help="zsRE records left to evaluation and validation."),
     val: int = typer.Option(20, "--val", min=1, help="Validation records (zsRE, before --zsre-skip, after the first 200)."),
@@ -116,6 +120,7 @@ def train_editor_cmd(
     console.print(f"{len(train)} training records, {len(val_recs)} validation records; model {lm.name}")
     cfg = TrainConfig(steps=steps, lr=lr, margin=margin, paraphrases=paraphrases, layers=layer_list,
                       unrelated_continuation=unrelated_continuation,
+                      init=str(init) if init else None, lambda_init=lambda_init,
                       val_every=val_every, checkpoint_every=checkpoint_every, seed=seed,
                       max_seconds=max_minutes * 60 if max_minutes else None)
     with Progress(TextColumn("train-editor"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

@@ -61,6 +61,8 @@ class TrainConfig:
     seed: int = 0
     gain: float | None = None  # γ scale; None: chosen by a line search on the first records
     max_seconds: float | None = None  # stop (with a checkpoint) after this long; resume continues
+    init: str | None = None  # start φ from this editor file (for these weights) instead of from scratch
+    lambda_init: float = 0.0  # the multiplier's start (an editor trained before carries its own λ)
 
 
 ProgressFn = Callable[[int, int, dict], None]
@@ -234,7 +236,18 @@ def train_editor(lm: LM, train: Sequence[Record], val: Sequence[Record], cfg: Tr
     ckpt = out / "checkpoint.safetensors"
     sha = E.model_hash(lm)
     meta = {"model_id": lm.name, "model_hash": sha}
-    step, lam, elapsed_before = 0, 0.0, 0.0
+    step, lam, elapsed_before = 0, cfg.lambda_init, 0.0
+    if cfg.init and not (resume and ckpt.exists()):
+        start = E.load_editor(Path(cfg.init), lm.device)
+        if start.meta.get("model_hash") != sha:
+            raise E.EditorError(f"{cfg.init} belongs to other weights ({start.meta.get('model_id')})")
+        if set(start.editor.dims) != set(editor.dims):
+            raise E.EditorError(f"{cfg.init} edits other modules than the run's layers")
+        editor = start.editor.to(lm.device)
+        for prm in editor.parameters():
+            prm.requires_grad_(True)
+        opt = torch.optim.Adam(editor.parameters(), lr=cfg.lr)
+        log(f"started from {cfg.init} (trained {start.meta.get('steps', '?')} steps)")
     if resume and ckpt.exists():
         step, lam, m = _load_checkpoint(ckpt, editor, opt)
         if m.get("model_hash") != sha:
@@ -246,6 +259,8 @@ def train_editor(lm: LM, train: Sequence[Record], val: Sequence[Record], cfg: Tr
             (out / "curve.jsonl").unlink()
         if cfg.gain is not None:
             editor.gain.fill_(cfg.gain)
+        elif cfg.init:
+            pass  # the file's γ scale is the one it was trained with
         else:
             log(f"γ gain {choose_gain(lm, editor, list(train[:8]), cfg):g}")
     best = _best_score(out / "curve.jsonl")
