@@ -90,6 +90,31 @@ def test_unrelated_inputs_can_carry_the_base_models_own_continuation(lm, trained
     assert with_cont > 0.0 and prompt_only > 0.0 and with_cont != prompt_only
 
 
+def test_training_can_start_from_a_trained_editor(lm, trained, tmp_path):
+    """``init``: the run starts from the file's editor (its first validation point is that editor's),
+    and a file for other weights is refused."""
+    import json
+
+    from app.lm.testing import tiny_lm
+    from app.methods.ke import editor as E
+    from app.methods.ke.train import Record, TrainConfig, train_editor, validate
+
+    records = [Record(p, t, [f"Tell me: {p}"], UNRELATED) for p, t in FACTS]
+    start = trained[0] / "editor.safetensors"
+    expected = validate(lm, E.load_editor(start).editor, records[:2])
+    out = tmp_path / "from-init"
+    summary = train_editor(lm, records, records[:2], TrainConfig(steps=1, val_every=100, init=str(start),
+                                                                 lambda_init=3.0), out)
+    first = json.loads((out / "curve.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["lambda"] == 3.0
+    assert (first["success"], first["generalization"]) == (expected["success"], expected["generalization"])
+    assert abs(first["unrelated_kl"] - expected["unrelated_kl"]) < 1e-4
+    assert summary["finished"]
+    with pytest.raises(E.EditorError):
+        train_editor(tiny_lm("llama", seed=8), records, records[:1], TrainConfig(steps=1, init=str(start)),
+                     tmp_path / "other")
+
+
 def test_editor_file_round_trips_through_safetensors(lm, trained, tmp_path):
     from app.methods.ke import editor as E
 
