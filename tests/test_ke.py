@@ -190,6 +190,49 @@ def test_unset_scale_is_stronger_for_a_routed_edit_than_for_a_global_one(lm, tra
         E.attach(lm, None)
 
 
+def test_a_global_edit_is_made_by_the_global_editor_when_one_is_installed(lm, trained, tmp_path):
+    """Editors per scope: ``load_for`` finds the routed and the global file under the home; a global
+    edit is made by the global editor, a routed one by the routed editor; without a global editor the
+    routed one makes both."""
+    import shutil
+
+    from app.methods import EditRequest, get
+    from app.methods.ke import editor as E
+    from app.methods.ke.train import Record, TrainConfig, train_editor
+
+    out, _ = trained
+    other = tmp_path / "other-run"  # a second editor: the same records, another seed, fewer steps
+    records = [Record(p, t, [], UNRELATED) for p, t in FACTS]
+    train_editor(lm, records, records[:1], TrainConfig(steps=2, val_every=100, gain=1e4, seed=3), other)
+    sha = E.model_hash(lm)
+    home = tmp_path / "home"
+    (home / "editors").mkdir(parents=True)
+    shutil.copyfile(out / "editor.safetensors", E.editor_paths(home, sha, "routed")[0])
+    method = get("ke")
+    req = EditRequest(prompt=FACTS[2][0], target=FACTS[2][1])
+
+    def fit(routed: bool):
+        return method.fit(lm, req, method.parse_config({"loop": 1, "chat": False, "routed": routed, "scale": 1.0}))
+
+    def same(a, b) -> bool:
+        return a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+
+    try:
+        assert E.load_for(lm, home) == E.editor_paths(home, sha, "routed")[0]
+        only_routed = fit(False)
+        assert only_routed.delta.meta["editor_scope"] == "routed"
+        assert same(only_routed.delta.tensors, fit(True).delta.tensors)  # one editor: the same update
+        shutil.copyfile(other / "editor.safetensors", E.editor_paths(home, sha, "global")[0])
+        E.load_for(lm, home)
+        glob, routed = fit(False), fit(True)
+        assert glob.delta.meta["editor_scope"] == "global" and routed.delta.meta["editor_scope"] == "routed"
+        assert same(routed.delta.tensors, only_routed.delta.tensors)
+        assert not same(glob.delta.tensors, routed.delta.tensors)
+    finally:
+        E.attach(lm, None)
+    assert E.attached(lm) is None and E.attached(lm, "global") is None
+
+
 @pytest.mark.parametrize("name", ["ft", "ft_constrained"])
 def test_fine_tuning_baselines_write_the_target_as_a_dense_delta(lm, name):
     from app.methods import EditRequest, get

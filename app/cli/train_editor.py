@@ -85,6 +85,9 @@ def train_editor_cmd(
     val_every: int = typer.Option(150, "--val-every", min=1, help="Steps between validation points."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", min=1, help="Steps between checkpoints."),
     install: bool = typer.Option(True, "--install/--no-install", help="Copy the editor to FACTPATCH_HOME/editors/."),
+    scope: str = typer.Option("routed", "--scope",
+                              help="Which edits the installed editor makes: routed (the default) or global "
+                              "(`\"routed\": false`; without a global editor the routed one makes those too)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
     seed: int = typer.Option(0, "--seed", help="Seed of the record order and paraphrase choice."),
 ) -> None:
@@ -99,6 +102,8 @@ def train_editor_cmd(
     from app.settings import get_settings
 
     console = Console(stderr=True)
+    if scope not in E.SCOPES:
+        raise typer.BadParameter(f"expected one of {', '.join(E.SCOPES)}", param_hint="--scope")
     cf_file, zsre_file = data / "counterfact" / "counterfact_train.json", data / "zsre" / "zsre_train_1k.json"
     for f in (cf_file, zsre_file):
         if not f.exists():
@@ -133,7 +138,7 @@ def train_editor_cmd(
 
         summary = train_editor(lm, train, val_recs, cfg, out, resume=resume, progress=progress, log=bar.console.print)
     if install and summary["finished"]:
-        target = E.editor_paths(settings.home, summary["model_hash"])[0]
+        target = E.editor_paths(settings.home, summary["model_hash"], scope)[0]
         target.parent.mkdir(parents=True, exist_ok=True)
         # The best validation point's editor is the one served (the last one when none is better).
         shutil.copyfile(summary.get("best") or summary["editor"], target)

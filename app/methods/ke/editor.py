@@ -332,49 +332,71 @@ def load_editor(path: Path, device: torch.device | str = "cpu") -> EditorFile:
     return EditorFile(editor, meta)
 
 
-def editor_filename(model_sha: str) -> str:
-    return f"ke-editor-{model_sha[:16]}.safetensors"
+SCOPES = ("routed", "global")  # the editor for routed edits (the default) and, optionally, one for global ones
+
+
+def editor_filename(model_sha: str, scope: str = "routed") -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}")
+    return f"ke-editor-{'global-' if scope == 'global' else ''}{model_sha[:16]}.safetensors"
 
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "editors"
 
 
-def editor_paths(home: Path, model_sha: str) -> list[Path]:
+def editor_paths(home: Path, model_sha: str, scope: str = "routed") -> list[Path]:
     """Where the editor for these weights is looked for: the home first, then the shipped ones."""
-    name = editor_filename(model_sha)
+    name = editor_filename(model_sha, scope)
     return [Path(home) / "editors" / name, SHIPPED_DIR / name]
 
 
 # -- which editor serves which model ---------------------------------------------------------------
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, EditorFile]" = weakref.WeakKeyDictionary()
+# Per model and scope. A global edit (not routed) reaches every query, so it is best made by an editor
+# trained to keep other answers as they are where they are written (``unrelated_continuation``); without
+# one the routed editor makes it.
+_ATTACHED: dict[str, "weakref.WeakKeyDictionary[nn.Module, EditorFile]"] = {
+    s: weakref.WeakKeyDictionary() for s in SCOPES}
 _LOOKED: "weakref.WeakKeyDictionary[nn.Module, Path]" = weakref.WeakKeyDictionary()
 
 
-def attach(lm: LM, editor: EditorFile | None) -> None:
+def attach(lm: LM, editor: EditorFile | None, scope: str = "routed") -> None:
+    """Serve ``lm``'s ``scope`` edits with ``editor`` (None: detach it; detaching the routed editor
+    detaches the global one too, as without it no `ke` edit can be made)."""
     if editor is None:
-        _ATTACHED.pop(lm.model, None)
+        _ATTACHED[scope].pop(lm.model, None)
+        if scope == "routed":
+            _ATTACHED["global"].pop(lm.model, None)
     else:
         editor.editor.to(lm.device)
-        _ATTACHED[lm.model] = editor
+        _ATTACHED[scope][lm.model] = editor
 
 
-def attached(lm: LM) -> EditorFile | None:
-    return _ATTACHED.get(lm.model)
+def attached(lm: LM, scope: str = "routed") -> EditorFile | None:
+    """The editor for ``scope`` edits: the global one falls back to the routed one."""
+    routed = _ATTACHED["routed"].get(lm.model)
+    if scope == "global" and routed is not None:
+        return _ATTACHED["global"].get(lm.model, routed)
+    return routed
 
 
 def load_for(lm: LM, home: Path) -> Path | None:
-    """Attach the editor trained for ``lm``'s weights, if one exists; returns its path."""
+    """Attach the editors trained for ``lm``'s weights, if they exist; returns the routed one's path."""
     sha = model_hash(lm)
-    paths = editor_paths(home, sha)
-    _LOOKED[lm.model] = paths[0]
-    for path in paths:
-        if path.exists():
-            ef = load_editor(path, lm.device)
-            if ef.meta.get("model_hash") != sha:
-                raise EditorError(f"{path} was trained for other weights ({ef.meta.get('model_id')})")
-            attach(lm, ef)
-            return path
-    return None
+    found = None
+    for scope in SCOPES:
+        paths = editor_paths(home, sha, scope)
+        if scope == "routed":
+            _LOOKED[lm.model] = paths[0]
+        path = next((p for p in paths if p.exists()), None)
+        if path is None:
+            continue
+        ef = load_editor(path, lm.device)
+        if ef.meta.get("model_hash") != sha:
+            raise EditorError(f"{path} was trained for other weights ({ef.meta.get('model_id')})")
+        attach(lm, ef, scope)
+        if scope == "routed":
+            found = path
+    return found
 
 
 def expected_path(lm: LM) -> Path | None:

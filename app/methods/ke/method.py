@@ -99,7 +99,8 @@ class KnowledgeEditorMethod(Method[KeConfig]):
             log.warning("KnowledgeEditor not loaded: %s", exc)
             return
         if path is not None:
-            log.info("KnowledgeEditor for %s loaded from %s", lm.name, path)
+            log.info("KnowledgeEditor for %s loaded from %s%s", lm.name, path,
+                     " (and one for global edits)" if E.attached(lm, "global") is not E.attached(lm) else "")
 
     def check(self, lm: LM, config: KeConfig) -> None:
         super().check(lm, config)
@@ -117,11 +118,13 @@ class KnowledgeEditorMethod(Method[KeConfig]):
         if not request.prompt.strip() or not request.target.strip():
             raise ValueError("an edit needs a non-empty prompt and target")
         self.check(lm, config)
-        ef = E.attached(lm)
+        scope = "routed" if config.routed else "global"
+        ef = E.attached(lm, scope)
         delta, passes, holds, base_holds, prompt_holds = apply_editor(
             lm, ef, request, config.loop, config.effective_scale(), config.chat, check=False)
         meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
-                "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16]}
+                "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16],
+                "editor_scope": "routed" if ef is E.attached(lm) else "global"}
         final = Delta("lora", {k: v.detach().contiguous() for k, v in delta.tensors.items()}, meta)
         if progress is not None:
             progress(passes, config.loop, 0.0)

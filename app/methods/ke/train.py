@@ -321,6 +321,7 @@ def train_editor(lm: LM, train: Sequence[Record], val: Sequence[Record], cfg: Tr
     elapsed = elapsed_before + time.perf_counter() - t0
     E.save_editor(editor, out / "editor.safetensors", model_id=lm.name, model_sha=sha,
                   extra={"steps": str(step), "variant": "+P^x" if cfg.paraphrases else "plain",
+                         "unrelated_continuation": str(cfg.unrelated_continuation),
                          "train_seconds": f"{elapsed:.1f}", "train_records": str(len(train))})
     return {"steps": step, "finished": step >= cfg.steps and not stopped_early, "elapsed_s": elapsed,
             "lambda": lam, "editor": str(out / "editor.safetensors"), "model_hash": sha,
