@@ -379,6 +379,14 @@ def attached(lm: LM, scope: str = "routed") -> EditorFile | None:
     return routed
 
 
+def load_checked(path: Path, lm: LM) -> EditorFile:
+    """The editor in ``path``, refused (EditorError) unless it was trained for ``lm``'s weights."""
+    ef = load_editor(path, lm.device)
+    if ef.meta.get("model_hash") != model_hash(lm):
+        raise EditorError(f"{path} was trained for other weights ({ef.meta.get('model_id')})")
+    return ef
+
+
 def load_for(lm: LM, home: Path) -> Path | None:
     """Attach the editors trained for ``lm``'s weights, if they exist; returns the routed one's path."""
     sha = model_hash(lm)
@@ -390,10 +398,7 @@ def load_for(lm: LM, home: Path) -> Path | None:
         path = next((p for p in paths if p.exists()), None)
         if path is None:
             continue
-        ef = load_editor(path, lm.device)
-        if ef.meta.get("model_hash") != sha:
-            raise EditorError(f"{path} was trained for other weights ({ef.meta.get('model_id')})")
-        attach(lm, ef, scope)
+        attach(lm, load_checked(path, lm), scope)
         if scope == "routed":
             found = path
     return found

@@ -19,6 +19,7 @@ import json
 import math
 import random
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -77,17 +78,18 @@ def _examples(lm: LM, prompts: Sequence[str], target: str, cap: int) -> list[tup
     return out
 
 
-_CONTINUATIONS: dict[tuple[str, str, int], list[int]] = {}
+# Per loaded model (two models may share a name: the key is the module itself, as for attached editors).
+_CONTINUATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, int], list[int]]]" = weakref.WeakKeyDictionary()
 
 
 def _continuation(lm: LM, text: str, tokens: int) -> list[int]:
     """The base model's greedy continuation of ``text`` (cached: the base model is frozen)."""
-    key = (lm.name, text, tokens)
-    if key not in _CONTINUATIONS:
-        if len(_CONTINUATIONS) > 50_000:
-            _CONTINUATIONS.clear()
-        _CONTINUATIONS[key] = list(lm.generate([text], max_new_tokens=tokens, mode="completion", deltas=[])[0].token_ids)
-    return _CONTINUATIONS[key]
+    cache = _CONTINUATIONS.setdefault(lm.model, {})
+    if (text, tokens) not in cache:
+        if len(cache) > 50_000:
+            cache.clear()
+        cache[(text, tokens)] = list(lm.generate([text], max_new_tokens=tokens, mode="completion", deltas=[])[0].token_ids)
+    return cache[(text, tokens)]
 
 
 def _unrelated_batch(lm: LM, texts: Sequence[str], continuation: int = 0):
@@ -238,9 +240,7 @@ def train_editor(lm: LM, train: Sequence[Record], val: Sequence[Record], cfg: Tr
     meta = {"model_id": lm.name, "model_hash": sha}
     step, lam, elapsed_before = 0, cfg.lambda_init, 0.0
     if cfg.init and not (resume and ckpt.exists()):
-        start = E.load_editor(Path(cfg.init), lm.device)
-        if start.meta.get("model_hash") != sha:
-            raise E.EditorError(f"{cfg.init} belongs to other weights ({start.meta.get('model_id')})")
+        start = E.load_checked(Path(cfg.init), lm)
         if set(start.editor.dims) != set(editor.dims):
             raise E.EditorError(f"{cfg.init} edits other modules than the run's layers")
         editor = start.editor.to(lm.device)
@@ -259,9 +259,7 @@ def train_editor(lm: LM, train: Sequence[Record], val: Sequence[Record], cfg: Tr
             (out / "curve.jsonl").unlink()
         if cfg.gain is not None:
             editor.gain.fill_(cfg.gain)
-        elif cfg.init:
-            pass  # the file's γ scale is the one it was trained with
-        else:
+        elif not cfg.init:  # an --init editor keeps the γ scale it was trained with
             log(f"γ gain {choose_gain(lm, editor, list(train[:8]), cfg):g}")
     best = _best_score(out / "curve.jsonl")
     if step == 0:
