@@ -247,9 +247,19 @@ def kill_mid_job(dep: LoopbackDeployment, client: Client, bodies: list[dict]) ->
         if r.status_code != 202:
             raise RuntimeError(f"queueing an edit failed: {r.status_code} {r.text}")
         jobs.append(r.json())
-    if not wait_for(lambda: dep.worker_holding(jobs[0]["job_id"]) is not None, 120):
+    first = jobs[0]["job_id"]
+
+    def training() -> bool:
+        # A worker announces a message before it claims the job (and counts the attempt); kill it
+        # only once the job's record shows it claimed, so the kill lands in the middle of a run.
+        if dep.worker_holding(first) is None:
+            return False
+        j = client.job(a[-1], first)
+        return j["status"] == "running" and j["attempts"] >= 1
+
+    if not wait_for(training, 120):
         raise RuntimeError("no worker took the first job")
-    victim = dep.worker_holding(jobs[0]["job_id"])
+    victim = dep.worker_holding(first)
     dep.kill_worker(victim["pid"])
     killed_at = time.monotonic()
     stored_when_killed = client.http.get(f"{a[0]}/edits/{jobs[0]['edit_id']}",
