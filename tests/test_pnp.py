@@ -211,3 +211,27 @@ def test_context_sentences_put_whole_sentences_before_the_prompt_in_completion_f
     assert build_groups(lm, req, cfg)[1] - build_groups(lm, req, get("pnp").parse_config({"subject_templates": 0}))[1] == 2
     with pytest.raises(Exception):
         get("pnp").parse_config({"context_sentences": 9})
+
+
+def test_relation_frames_ask_the_edited_relation_in_other_words_and_only_in_completion_form(lm):
+    from app.methods.pnp.method import relation_prompts, training_prompts
+
+    subject = "Danielle Darrieux"
+    req = EditRequest(f"The mother tongue of {subject} is", "English", subject=subject)
+    cfg = get("pnp").parse_config({"relation_frames": 3, "subject_templates": 0})
+    frames = relation_prompts(req, cfg)
+    # what the relation check would route to this edit: its language, not its birthplace or employer
+    assert len(frames) == 3 and all(subject in f for f in frames), frames
+    assert all(any(w in f.lower() for w in ("language", "speak", "tongue", "fluent")) for f in frames), frames
+    assert req.prompt not in frames
+    born = relation_prompts(EditRequest(f"{subject} was born in", "Paris", subject=subject), cfg)
+    assert born and not set(born) & set(frames) and ("birth" in born[0] or "born" in born[0]), born
+    # completion form only (the chat form trains the request's own prompts), after the prompt
+    assert training_prompts(req, cfg, relation=frames) == [req.prompt, *frames]
+    assert training_prompts(req, cfg, augment=False, relation=frames) == [req.prompt]
+    assert build_groups(lm, req, cfg)[1] - build_groups(lm, req, get("pnp").parse_config({"subject_templates": 0}))[1] == 3
+    # off, or no subject to fill in: none
+    assert relation_prompts(req, get("pnp").parse_config({"relation_frames": 0})) == []
+    assert relation_prompts(EditRequest(req.prompt, "English"), cfg) == []
+    with pytest.raises(Exception):
+        get("pnp").parse_config({"relation_frames": 9})

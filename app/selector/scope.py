@@ -186,6 +186,34 @@ class ScopeHead:
 _lock = threading.Lock()
 
 
+@lru_cache(maxsize=4)
+def _candidate_vectors(candidates: tuple[str, ...]) -> np.ndarray:
+    from app.selector.encoders import MiniLMEncoder
+
+    return MiniLMEncoder().encode(list(candidates))
+
+
+def same_relation_scores(texts: list[str], subject: str, target: str | None,
+                         candidates: tuple[str, ...]) -> np.ndarray | None:
+    """The relation check's score of each masked candidate text ("X was born in") as a query of
+    the edit made of ``texts`` about ``subject`` (best relation key per candidate); None when no
+    head is installed or the encoder is missing. The candidates' embeddings are computed once."""
+    head = default_head("minilm", 384)
+    if head is None or not candidates or not subject.strip():
+        return None
+    from app.selector.encoders import MiniLMEncoder
+
+    try:
+        keys = MiniLMEncoder().encode(edit_relation_texts(texts, subject, target if head.use_target else None))
+        cand = _candidate_vectors(candidates)
+    except RuntimeError:  # the encoder's package is not installed
+        return None
+    best = np.full(len(candidates), -np.inf, dtype=np.float32)
+    for u in keys:
+        best = np.maximum(best, head.scores(np.broadcast_to(u, cand.shape), cand))
+    return best
+
+
 @lru_cache(maxsize=1)
 def _default_head() -> ScopeHead | None:
     return ScopeHead.load(HEAD_PATH) if HEAD_PATH.is_file() else None

@@ -100,6 +100,15 @@ class PnPConfig(MethodConfig):
         "(\"<subject> is\", \"Tell me about <subject>:\", ...), so the adapter ties the target to the "
         "subject rather than to the prompt's exact wording; used only when the request names a subject.",
     )
+    relation_frames: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="Extra completion-form training prompts that ask the edited relation in other words: "
+        "the built-in phrasings the selector's relation check scores highest as the edit's own relation "
+        "(at least its threshold), filled with the subject. Needs a subject and the relation check "
+        "(MiniLM and its head); without them none are added.",
+    )
     chat: bool = Field(
         default=True,
         description="Also train the chat form of every prompt when the model has a chat template.",

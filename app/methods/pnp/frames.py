@@ -1,4 +1,5 @@
-"""Frames that ask *other* facts of an edit's subject, for the adapter's other-fact term.
+"""Frames that ask facts of an edit's subject: *other* facts for the adapter's other-fact term,
+and phrasings of every relation for ``relation_frames`` (the edited relation asked in other words).
 
 Written for this project (not taken from ParaRel, on which the harness measures same-subject
 locality), each labelled with the Wikidata property it asks for and the kind of subject it fits,
@@ -89,3 +90,57 @@ def other_fact_prompts(subject: str, n: int, *, exclude: frozenset[str] = frozen
         if len(out) == n:
             break
     return out
+
+
+# Phrasings of relations for ``relation_frames``, written for this project ({s}: the subject). No
+# relation labels: the selector's relation check picks those that ask the edited relation.
+RELATION_FRAMES = (
+    # where born / died / from
+    "{s} was born in", "The birthplace of {s} is", "{s} came into the world in", "{s} is originally from",
+    "{s} died in", "The place where {s} died is", "{s} spent the last days of life in", "{s} lost their life in",
+    # citizenship / country
+    "{s} is a citizen of", "{s} holds a passport from", "The nationality of {s} is", "{s} has citizenship of",
+    "{s} is located in the country of", "{s} can be found in", "{s} is a place in", "The country {s} belongs to is",
+    "{s} is situated in", "{s} is part of the region of", "The region that contains {s} is",
+    "{s} is on the continent of", "{s} is a part of the continent", "The continent where {s} lies is",
+    "{s} originated in", "{s} comes from the country", "The country of origin of {s} is", "{s} was created in the country of",
+    # capital, language
+    "The capital of {s} is", "{s}'s capital city is", "The seat of government of {s} is",
+    "The official language of {s} is", "In {s}, people speak", "The language spoken in {s} is", "{s} is a country where people speak",
+    "The mother tongue of {s} is", "{s} natively speaks", "{s} grew up speaking", "{s}'s first language is",
+    "{s} speaks the language", "{s} is fluent in", "The languages {s} can speak include",
+    "The original language of {s} is", "{s} was written in the language", "The language of {s} is", "{s} was originally made in",
+    # occupation, field, office
+    "{s} works as a", "The profession of {s} is", "{s} earns a living as a", "By trade, {s} is a",
+    "{s} works in the area of", "The field of {s} is", "{s} specializes in", "{s}'s area of expertise is",
+    "{s} holds the position of", "{s} serves as", "The office held by {s} is", "{s} was elected",
+    # employer, membership, party, label
+    "{s} works for", "The employer of {s} is", "{s} is on the staff of", "{s} is employed at",
+    "{s} is a member of", "{s} belongs to", "{s} joined", "{s} is affiliated with",
+    "{s} is a member of the political party", "The party of {s} is", "Politically, {s} belongs to the",
+    "{s} records for the label", "The record label of {s} is", "{s} is signed with", "{s}'s music is released by",
+    # work location
+    "{s} worked in the city of", "{s} used to work in", "The city where {s} worked is", "{s} had an office in",
+    # religion
+    "The religion of {s} is", "{s} follows the religion of", "{s} practices", "{s} is a follower of",
+    # sport, position, instrument, genre
+    "{s} plays the sport of", "The sport {s} plays is", "{s} is a professional", "{s} competes in",
+    "{s} plays in the position of", "{s}'s position on the team is", "On the field, {s} plays as",
+    "{s} plays the", "The instrument {s} plays is", "{s} is known for playing the", "{s} performs on the",
+    "The genre of {s} is", "{s} plays music in the style of", "{s} is known for the genre", "{s} makes",
+    # organisations
+    "The headquarters of {s} are in", "{s} is headquartered in", "{s} has its main office in", "{s}'s head office is located in",
+    "{s} is owned by", "The owner of {s} is", "{s} belongs to the company", "{s} is a subsidiary of",
+    "{s} was founded by", "The founder of {s} is", "{s} was established by", "{s} was created by",
+    "{s} was founded in", "{s} was formed in", "{s} started out in", "The city where {s} was founded is",
+    # things
+    "{s} is made by", "{s} is produced by", "The manufacturer of {s} is", "{s} is a product of",
+    "{s} was developed by", "The developer of {s} is", "{s} is a product developed by", "{s} was designed by",
+    "{s} is named after", "{s} is named for", "The name of {s} comes from", "{s} takes its name from",
+    "{s} first aired on", "{s} was broadcast on", "The network that shows {s} is", "{s} premiered on the network",
+    "{s} was written by", "The author of {s} is", "{s} is a book by",
+    "{s} was directed by", "The director of {s} is", "{s} is a film by",
+    "The twin city of {s} is", "The sister city of {s} is", "{s} is twinned with", "{s} has a partnership with the city of",
+    "{s} shares a border with", "{s} borders", "A neighbour of {s} is",
+    "{s} is located at", "The location of {s} is", "{s} can be visited in",
+)

@@ -137,9 +137,37 @@ def init_delta(lm: LM, config: PnPConfig) -> Delta:
     return Delta("lora", tensors, meta)
 
 
-def training_prompts(request: EditRequest, config: PnPConfig, augment: bool = True) -> list[str]:
+def relation_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
+    """Up to ``relation_frames`` built-in phrasings of the edited relation, filled with the subject:
+    those the relation check scores highest (and at least at its threshold) as queries of this
+    edit, which are the queries the selector would route to it."""
+    subject = (request.subject or "").strip()
+    if config.relation_frames <= 0 or not subject:
+        return []
+    from app.methods.pnp.frames import RELATION_FRAMES
+    from app.selector.scope import PLACEHOLDER, default_head, same_relation_scores
+
+    scores = same_relation_scores([request.prompt], subject, request.target,
+                                  tuple(f.format(s=PLACEHOLDER) for f in RELATION_FRAMES))
+    head = default_head("minilm", 384)
+    if scores is None or head is None:
+        return []
+    own = {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
+    out: list[str] = []
+    for i in sorted(range(len(scores)), key=lambda i: -float(scores[i])):
+        if scores[i] < head.threshold or len(out) == config.relation_frames:
+            break
+        prompt = RELATION_FRAMES[i].format(s=subject)
+        if prompt not in own:
+            out.append(prompt)
+    return out
+
+
+def training_prompts(request: EditRequest, config: PnPConfig, augment: bool = True,
+                     relation: list[str] | None = None) -> list[str]:
     """The prompt and its paraphrases, and with ``augment`` the prompt after generic lead-ins
-    (``context_prefixes``, ``context_sentences``) and the subject in generic frames (``subject_templates``)."""
+    (``context_prefixes``, ``context_sentences``), the ``relation`` phrasings (``relation_prompts``)
+    and the subject in generic frames (``subject_templates``)."""
     prompts: list[str] = []
     for p in [request.prompt, *request.paraphrases]:
         if p.strip() and p not in prompts:
@@ -148,6 +176,7 @@ def training_prompts(request: EditRequest, config: PnPConfig, augment: bool = Tr
         return prompts
     for prefix in CONTEXT_PREFIXES[: config.context_prefixes] + CONTEXT_SENTENCES[: config.context_sentences]:
         prompts.append(f"{prefix} {request.prompt.lstrip()}")
+    prompts.extend(p for p in relation or [] if p not in prompts)
     if request.subject and request.subject.strip():
         for frame in SUBJECT_TEMPLATES[: config.subject_templates]:
             prompts.append(frame.format(s=request.subject.strip()))
@@ -276,10 +305,11 @@ def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[
     # "Paris" must not come out as "Parisian": after a target that ends in a letter or digit,
     # the next token has to start a new word (or end the text).
     boundary = config.end_boundary and request.target.strip()[-1:].isalnum()
+    relation = relation_prompts(request, config)
     for mode in training_modes(lm, request, config):
         # The generic augmentations are short completion-form prompts; the chat form (a long
         # template around each prompt) is trained on the request's own prompts only.
-        prompts = training_prompts(request, config, augment=(mode == "completion"))
+        prompts = training_prompts(request, config, augment=(mode == "completion"), relation=relation)
         examples = [(lm.prompt_ids(p, mode), lm.target_ids(p, request.target, mode)) for p in prompts]
         examples = [(p, t) for p, t in examples if t]
         if not examples:
