@@ -145,22 +145,13 @@ def relation_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
     if config.relation_frames <= 0 or not subject:
         return []
     from app.methods.pnp.frames import RELATION_FRAMES
-    from app.selector.scope import PLACEHOLDER, default_head, same_relation_scores
+    from app.selector.scope import PLACEHOLDER, same_relation_ranked
 
-    scores = same_relation_scores([request.prompt], subject, request.target,
+    ranked = same_relation_ranked([request.prompt], subject, request.target,
                                   tuple(f.format(s=PLACEHOLDER) for f in RELATION_FRAMES))
-    head = default_head("minilm", 384)
-    if scores is None or head is None:
-        return []
     own = {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
-    out: list[str] = []
-    for i in sorted(range(len(scores)), key=lambda i: -float(scores[i])):
-        if scores[i] < head.threshold or len(out) == config.relation_frames:
-            break
-        prompt = RELATION_FRAMES[i].format(s=subject)
-        if prompt not in own:
-            out.append(prompt)
-    return out
+    prompts = (RELATION_FRAMES[i].format(s=subject) for i in ranked)
+    return [p for p in prompts if p not in own][: config.relation_frames]
 
 
 def training_prompts(request: EditRequest, config: PnPConfig, augment: bool = True,
