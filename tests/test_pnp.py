@@ -235,3 +235,28 @@ def test_relation_frames_ask_the_edited_relation_in_other_words_and_only_in_comp
     assert relation_prompts(EditRequest(req.prompt, "English"), cfg) == []
     with pytest.raises(Exception):
         get("pnp").parse_config({"relation_frames": 9})
+
+
+def test_built_in_other_fact_negatives_ask_other_relations_and_keep_the_base_answer_in_every_form(lm):
+    from app.methods.pnp.method import negative_texts, training_modes
+
+    subject = "Danielle Darrieux"
+    req = EditRequest(f"The mother tongue of {subject} is", "English", subject=subject)
+    cfg = get("pnp").parse_config({"negative_prompts": 3, "negative_tokens": 4, "subject_templates": 0})
+    negs = negative_texts(req, cfg)
+    # other facts of a person, none of the edited relation (language) nor the edit's own prompt
+    assert len(negs) == 3 and all(subject in n for n in negs), negs
+    assert not any(w in n.lower() for n in negs for w in ("language", "speak", "tongue")), negs
+    # the request's own negatives come first; off (count or weight 0) or no subject: none
+    given = EditRequest(req.prompt, "English", subject=subject, negatives=[f"{subject} died in"])
+    assert negative_texts(given, cfg) == [f"{subject} died in"]
+    assert negative_texts(req, get("pnp").parse_config({"negative_prompts": 0})) == []
+    assert negative_texts(req, get("pnp").parse_config({"negative_prompts": 3, "negative_weight": 0})) == []
+    assert negative_texts(EditRequest(req.prompt, "English"), cfg) == []
+    # each form trained carries them, with the positions that predict the base answer's tokens
+    groups, _, _ = build_groups(lm, req, cfg)
+    kept = [int(g.is_negative.sum()) for g in groups]
+    assert len(groups) == len(training_modes(lm, req, cfg)), kept
+    assert all(3 <= k <= 4 * 3 for k in kept) and max(kept) > 3, kept
+    one = build_groups(lm, req, get("pnp").parse_config({"negative_prompts": 3, "subject_templates": 0}))[0]
+    assert [int(g.is_negative.sum()) for g in one] == [3] * len(one)

@@ -193,26 +193,37 @@ def _candidate_vectors(candidates: tuple[str, ...]) -> np.ndarray:
     return MiniLMEncoder().encode(list(candidates))
 
 
-def same_relation_ranked(texts: list[str], subject: str, target: str | None,
-                         candidates: tuple[str, ...]) -> list[int]:
-    """The masked candidate texts ("X was born in") that the relation check accepts as queries of
-    the edit made of ``texts`` about ``subject`` (best relation key per candidate, at least the
-    head's threshold), as indices, best first; none when no head is installed or the encoder is
-    missing. The candidates' embeddings are computed once."""
+def same_relation_scores(texts: list[str], subject: str, target: str | None,
+                         candidates: tuple[str, ...]) -> tuple[np.ndarray, float] | None:
+    """The relation check's score of each masked candidate text ("X was born in") as a query of
+    the edit made of ``texts`` about ``subject`` (its best relation key per candidate), and the
+    head's threshold; None when no head is installed or the encoder is missing. The candidates'
+    embeddings are computed once."""
     from app.selector.encoders import MiniLMEncoder
 
     head = default_head(MiniLMEncoder.name, MiniLMEncoder.dim)
     if head is None or not candidates or not subject.strip():
-        return []
+        return None
     try:
         keys = MiniLMEncoder().encode(edit_relation_texts(texts, subject, target if head.use_target else None))
         cand = _candidate_vectors(candidates)
     except RuntimeError:  # the encoder's package is not installed
-        return []
+        return None
     best = np.full(len(candidates), -np.inf, dtype=np.float32)
     for u in keys:
         best = np.maximum(best, head.scores(np.broadcast_to(u, cand.shape), cand))
-    return [int(i) for i in np.argsort(-best, kind="stable") if best[i] >= head.threshold]
+    return best, float(head.threshold)
+
+
+def same_relation_ranked(texts: list[str], subject: str, target: str | None,
+                         candidates: tuple[str, ...]) -> list[int]:
+    """The candidates the relation check accepts (``same_relation_scores`` at least the head's
+    threshold), as indices, best first; none without a head or its encoder."""
+    scored = same_relation_scores(texts, subject, target, candidates)
+    if scored is None:
+        return []
+    best, threshold = scored
+    return [int(i) for i in np.argsort(-best, kind="stable") if best[i] >= threshold]
 
 
 @lru_cache(maxsize=1)

@@ -67,11 +67,20 @@ class PnPConfig(MethodConfig):
         default=0,
         ge=0,
         le=32,
-        description="How many of the request's other-fact prompts (other relations of the same subject, "
-        "e.g. \"<subject> was born in\") the adapter is trained to leave alone: KL to the base model's "
+        description="How many other-fact prompts (other relations of the same subject, e.g. \"<subject> was "
+        "born in\"; the request's, else built-in frames the relation check tells apart from the edited "
+        "relation) the adapter is trained to leave alone: KL to the base model's "
         "next-token distribution after each, with the base model's top token kept as the stop rule asks. "
         "Off by default: beside the subject frames it fights the edit (docs/pnp-notes.md); the selector's "
         "relation check keeps other facts instead.",
+    )
+    negative_tokens: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="How many tokens of the base model's answer to each other-fact prompt the adapter must "
+        "keep (KL at each, and each still the top token): 1 keeps the first word's first token, more keep "
+        "the answer as a user reads it.",
     )
     negative_weight: float = Field(
         default=1.0, ge=0.0, le=1e6, description="Weight of the KL term on the other-fact prompts (0 turns it off)."

@@ -92,6 +92,27 @@ def other_fact_prompts(subject: str, n: int, *, exclude: frozenset[str] = frozen
     return out
 
 
+def other_relation_prompts(subject: str, scores, threshold: float, n: int) -> list[str]:
+    """Up to ``n`` frames of ``OTHER_FACT_FRAMES`` that ask *other* facts of ``subject``, given the
+    relation check's score of each frame (masked, in order) as a query of the edit: the frames it
+    accepts are taken as the edited relation (none accepted: the best-scored one), the subject's
+    kinds are those of its frames, and of the frames of those kinds whose relation is not
+    related to an accepted one, the highest-scored come first (the questions a routing mistake
+    would send to the edit)."""
+    subject = subject.strip()
+    if not subject or n <= 0 or len(scores) != len(OTHER_FACT_FRAMES):
+        return []
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    own = {OTHER_FACT_FRAMES[i][0] for i in order if float(scores[i]) >= threshold} or {OTHER_FACT_FRAMES[order[0]][0]}
+    kinds = {k for rel, k, _ in OTHER_FACT_FRAMES if rel in own}
+    out = []
+    for i in order:
+        rel, k, frame = OTHER_FACT_FRAMES[i]
+        if k in kinds and float(scores[i]) < threshold and not any(related(rel, o) for o in own):
+            out.append(frame.format(s=subject))
+    return out[:n]
+
+
 # Phrasings of relations for ``relation_frames``, written for this project ({s}: the subject). No
 # relation labels: the selector's relation check picks those that ask the edited relation.
 RELATION_FRAMES = (

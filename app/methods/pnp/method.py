@@ -201,13 +201,14 @@ def _build_group(
     locality: list[list[int]],
     first_example: int,
     boundary: bool = False,
-    negatives: list[list[int]] | None = None,
+    negatives: list[tuple[list[int], list[int]]] | None = None,
 ) -> _Group:
     """Right-padded batch; kept positions are the target-predicting ones, with ``boundary`` the
-    position after each whole target, and each locality or other-fact prompt's last position, in
+    position after each whole target, each locality prompt's last position and each other-fact
+    prompt's positions that predict the base model's answer to it (its first token at least), in
     row-major order (the order ``logits[keep]`` returns them)."""
     negatives = negatives or []
-    rows = [p + t for p, t in examples] + locality + negatives
+    rows = [p + t for p, t in examples] + locality + [p + c[:-1] for p, c in negatives]
     width = max(len(r) for r in rows)
     pad = lm.tokenizer.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -225,8 +226,10 @@ def _build_group(
         if boundary:
             keep[r, len(p) + len(t) - 1] = True
             boundary_at[(r, len(p) + len(t) - 1)] = first_example + r
-    for k, seq in enumerate(locality + negatives):
+    for k, seq in enumerate(locality):
         keep[len(examples) + k, len(seq) - 1] = True
+    for k, (p, c) in enumerate(negatives):
+        keep[len(examples) + len(locality) + k, len(p) - 1 : len(p) + max(len(c), 1) - 1] = True
     first_negative = len(examples) + len(locality)
     is_target, targets, target_row, is_boundary, boundary_row, is_negative = [], [], [], [], [], []
     for r, c in keep.nonzero().tolist():
@@ -277,20 +280,39 @@ def kept_logits(lm: LM, group: _Group) -> torch.Tensor:
 
 
 def negative_texts(request: EditRequest, config: PnPConfig) -> list[str]:
-    """The request's other-fact prompts the adapter must leave alone (none without their weight)."""
+    """The other-fact prompts the adapter must leave alone (none without their weight): the
+    request's, else, when it names a subject, built-in frames of other relations of that subject
+    that the relation check tells apart from the edited one (``other_relation_prompts``)."""
     if config.negative_weight <= 0 or config.negative_prompts == 0:
         return []
     own = {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
-    return [p for p in dict.fromkeys(n.strip() for n in request.negatives) if p and p not in own][
-        : config.negative_prompts
-    ]
+    given = [n.strip() for n in request.negatives]
+    if not any(given) and (request.subject or "").strip():
+        from app.methods.pnp.frames import OTHER_FACT_FRAMES, other_relation_prompts
+        from app.selector.scope import PLACEHOLDER, same_relation_scores
+
+        scored = same_relation_scores([request.prompt], request.subject, request.target,
+                                      tuple(f.format(s=PLACEHOLDER) for _, _, f in OTHER_FACT_FRAMES))
+        if scored is not None:
+            given = other_relation_prompts(request.subject, scored[0], scored[1], config.negative_prompts)
+    return [p for p in dict.fromkeys(given) if p and p not in own][: config.negative_prompts]
 
 
 def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[_Group], int, int]:
     """One forward batch per text form (similar lengths pad little); the locality and other-fact
     prompts ride with the completion batch. Returns (groups, training examples, locality prompts)."""
     loc = [lm.prompt_ids(p, "completion") for p in locality_texts(request, config)]
-    neg = [lm.prompt_ids(p, "completion") for p in negative_texts(request, config)]
+    negative = negative_texts(request, config)
+
+    def answered(mode: Mode) -> list[tuple[list[int], list[int]]]:
+        """The other-fact prompts in ``mode``'s form with the base model's first
+        ``negative_tokens`` answer tokens (the answer the adapter must leave as it is)."""
+        if not negative:
+            return []
+        gens = lm.generate(negative, max_new_tokens=config.negative_tokens, mode=mode)
+        return [(lm.prompt_ids(p, mode), list(g.token_ids)) for p, g in zip(negative, gens)]
+
+    neg = answered("completion")
     n_loc = len(loc)
     groups, n_examples = [], 0
     # "Paris" must not come out as "Parisian": after a target that ends in a letter or digit,
@@ -305,7 +327,9 @@ def build_groups(lm: LM, request: EditRequest, config: PnPConfig) -> tuple[list[
         examples = [(p, t) for p, t in examples if t]
         if not examples:
             continue
-        carried = (loc, neg) if mode == "completion" else ([], [])
+        # The other-fact prompts are asked in every form trained (a routed chat question of another
+        # relation must keep its answer too); the unrelated prompts ride with the completion batch.
+        carried = (loc, neg) if mode == "completion" else ([], answered(mode))
         groups.append(_build_group(lm, examples, carried[0], n_examples, boundary, carried[1]))
         if mode == "completion":
             loc, neg = [], []
