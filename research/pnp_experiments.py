@@ -402,19 +402,25 @@ def cmd_leak(args) -> None:
     method = get("pnp")
     config = method.parse_config(json.loads(args.config))
     cases = cf_cases(CF_VAL if args.val else CF_TRAIN, args.start, args.n)
-    changed = leaked = total = 0
-    for query, i in same_subject_queries(cases):
+    changed = leaked = total = rephrased = 0
+    steps, ms = [], []
+    for query, i in same_subject_queries(cases)[: args.queries]:
         case = cases[i]
         res = fit_case(lm, case, config)
+        steps.append(res.steps)
+        ms.append(res.train_ms)
         base = lm.generate([query], max_new_tokens=8, mode="completion")[0]
         edited = lm.generate([query], max_new_tokens=8, mode="completion", deltas=[res.delta])[0]
         total += 1
         changed += base.token_ids != edited.token_ids
         leaked += case.target.lower() in edited.text.lower() and case.target.lower() not in base.text.lower()
+        rephrased += gen_match(lm, case.rephrase, case.target, [res.delta])
         if args.verbose:
             print(json.dumps({"query": query, "target": case.target, "base": base.text, "edited": edited.text}), flush=True)
+    ms.sort()
     print(f"{args.config}: n={total} same-subject other-relation queries: answer changed {changed / total:.3f}, "
-          f"edit target in the answer {leaked / total:.3f}", flush=True)
+          f"edit target in the answer {leaked / total:.3f} | rephrase greedy {rephrased / total:.3f} "
+          f"steps {statistics.mean(steps):.1f} fit p50 {ms[len(ms) // 2]:.0f} ms", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,6 +834,7 @@ def main() -> None:
     lk_.add_argument("--start", type=int, default=0)
     lk_.add_argument("--n", type=int, default=60)
     lk_.add_argument("--config", default="{}", help="PnPConfig overrides as JSON")
+    lk_.add_argument("--queries", type=int, default=None, help="only the first K queries")
     lk_.add_argument("--val", action="store_true", help="CounterFact val records (a measurement, not tuning)")
     lk_.add_argument("--verbose", action="store_true")
     lk_.add_argument("--threads", type=int, default=1)
