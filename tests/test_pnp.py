@@ -229,7 +229,7 @@ def test_relation_frames_ask_the_edited_relation_in_other_words_and_only_in_comp
     # completion form only (the chat form trains the request's own prompts), after the prompt
     assert training_prompts(req, cfg, relation=frames) == [req.prompt, *frames]
     assert training_prompts(req, cfg, augment=False, relation=frames) == [req.prompt]
-    assert build_groups(lm, req, cfg)[1] - build_groups(lm, req, get("pnp").parse_config({"subject_templates": 0}))[1] == 3
+    assert build_groups(lm, req, cfg)[1] - build_groups(lm, req, get("pnp").parse_config({"subject_templates": 0, "relation_frames": 0}))[1] == 3
     # off, or no subject to fill in: none
     assert relation_prompts(req, get("pnp").parse_config({"relation_frames": 0})) == []
     assert relation_prompts(EditRequest(req.prompt, "English"), cfg) == []

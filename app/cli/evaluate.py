@@ -81,6 +81,7 @@ def eval_command(
     from app.eval.backends import BackendError
 
     backend, where = make_backend(url, key, model)
+    env = environment(command_line("eval"))  # the commit (and date) the run starts from: the code it loaded
     try:
         with progress_bar() as bar:
             result = Runner(backend, cfg, stage_progress(bar)).run(ds)
@@ -95,7 +96,7 @@ def eval_command(
         backend.close()
     data = result.as_dict()
     data["backend"] = where
-    data["env"] = environment(command_line("eval"))
+    data["env"] = env
     files = write_eval(data, out)
     print_eval(data)
     console.print("wrote " + ", ".join(str(p) for p in files.values()))

@@ -52,7 +52,8 @@ def zero_delta(lm: LM, modules: list[str], method: str, routed: bool) -> Delta:
 def _plain_groups(lm: LM, request: EditRequest, chat: bool):
     """The request's prompt and paraphrases in completion form (and in chat form with ``chat``),
     nothing added (no locality term)."""
-    cfg = PnPConfig(kl_weight=0.0, locality_prompts=0, subject_templates=0, context_prefixes=0, context_sentences=0, chat=chat,
+    cfg = PnPConfig(kl_weight=0.0, locality_prompts=0, subject_templates=0, relation_frames=0, context_prefixes=0,
+                    context_sentences=0, chat=chat,
                     end_boundary=False)
     plain = EditRequest(prompt=request.prompt, target=request.target, subject=request.subject,
                         paraphrases=list(request.paraphrases))
