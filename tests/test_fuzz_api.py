@@ -31,7 +31,8 @@ def capped_training(monkeypatch):
 
     def short_fit(self, lm, request, config, progress=None):
         small = config.model_copy(update={
-            "max_steps": min(config.max_steps, 2), "subject_templates": 0, "relation_frames": 0, "context_prefixes": 0, "context_sentences": 0,
+            "max_steps": min(config.max_steps, 2), "subject_templates": 0, "relation_frames": 0,
+            "context_prefixes": 0, "context_sentences": 0,
             "locality_prompts": min(config.locality_prompts, 1), "negative_prompts": 0, "chat": False,
         })
         return fit(self, lm, request, small, progress)

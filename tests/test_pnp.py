@@ -229,7 +229,8 @@ def test_relation_frames_ask_the_edited_relation_in_other_words_and_only_in_comp
     # completion form only (the chat form trains the request's own prompts), after the prompt
     assert training_prompts(req, cfg, relation=frames) == [req.prompt, *frames]
     assert training_prompts(req, cfg, augment=False, relation=frames) == [req.prompt]
-    assert build_groups(lm, req, cfg)[1] - build_groups(lm, req, get("pnp").parse_config({"subject_templates": 0, "relation_frames": 0}))[1] == 3
+    plain = get("pnp").parse_config({"subject_templates": 0, "relation_frames": 0})
+    assert build_groups(lm, req, cfg)[1] - build_groups(lm, req, plain)[1] == 3
     # off, or no subject to fill in: none
     assert relation_prompts(req, get("pnp").parse_config({"relation_frames": 0})) == []
     assert relation_prompts(EditRequest(req.prompt, "English"), cfg) == []
@@ -258,5 +259,6 @@ def test_built_in_other_fact_negatives_ask_other_relations_and_keep_the_base_ans
     kept = [int(g.is_negative.sum()) for g in groups]
     assert len(groups) == len(training_modes(lm, req, cfg)), kept
     assert all(3 <= k <= 4 * 3 for k in kept) and max(kept) > 3, kept
+    assert [g.negative_prompts for g in groups] == [3] * len(groups)
     one = build_groups(lm, req, get("pnp").parse_config({"negative_prompts": 3, "subject_templates": 0}))[0]
     assert [int(g.is_negative.sum()) for g in one] == [3] * len(one)

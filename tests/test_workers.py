@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import EDITOR, READER, auth, wait_until
 
 # Few, cheap steps: the tiny model takes the target as its argmax in a few (completion form only).
-QUICK = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0, "subject_templates": 0, "relation_frames": 0, "chat": False,
-         "min_prob": 0.0}
+QUICK = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0, "subject_templates": 0, "relation_frames": 0,
+         "chat": False, "min_prob": 0.0}
 EDIT = {"prompt": "The favourite colour of Zorblax Quint is", "target": "ultraviolet",
         "subject": "Zorblax Quint", "config": QUICK}
 ASYNC = {"Prefer": "respond-async"}

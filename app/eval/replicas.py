@@ -25,9 +25,10 @@ import typer
 
 ROOT = Path(__file__).resolve().parents[2]
 # Few steps on the tiny model (completion form only); SLOW runs all its steps (a few seconds).
-QUICK = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0, "subject_templates": 0, "relation_frames": 0, "chat": False,
-         "min_prob": 0.0}
-SLOW = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0, "subject_templates": 0, "relation_frames": 0, "chat": False}
+QUICK = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0, "subject_templates": 0, "relation_frames": 0,
+         "chat": False, "min_prob": 0.0}
+SLOW = {"max_steps": 60, "kl_weight": 0.0, "locality_prompts": 0, "subject_templates": 0, "relation_frames": 0,
+        "chat": False}
 
 
 def free_port() -> int:

@@ -8,9 +8,6 @@ so that the frames of the edited relation itself can be left out.
 
 from __future__ import annotations
 
-import random
-import zlib
-
 # (property, subject kind, frame with {s} for the subject). Kinds: person, place, org, work, thing.
 OTHER_FACT_FRAMES: tuple[tuple[str, str, str], ...] = (
     ("P19", "person", "{s} was born in the city of"),
@@ -69,27 +66,6 @@ SAME_RELATION: tuple[frozenset[str], ...] = (
 
 def related(a: str, b: str) -> bool:
     return a == b or any(a in group and b in group for group in SAME_RELATION)
-
-
-def other_fact_prompts(subject: str, n: int, *, exclude: frozenset[str] = frozenset(), seed: int = 0,
-                       skip=None) -> list[str]:
-    """Up to ``n`` frames filled with ``subject``, seeded by the subject, none of a relation in
-    ``exclude`` (or related to one), none for which ``skip(prompt)`` holds."""
-    subject = subject.strip()
-    if not subject or n <= 0:
-        return []
-    frames = [(rel, f) for rel, _, f in OTHER_FACT_FRAMES if not any(related(rel, e) for e in exclude)]
-    rng = random.Random(seed * 1_000_003 + zlib.crc32(subject.encode("utf-8")))
-    rng.shuffle(frames)
-    out = []
-    for _, frame in frames:
-        prompt = frame.format(s=subject)
-        if skip is not None and skip(prompt):
-            continue
-        out.append(prompt)
-        if len(out) == n:
-            break
-    return out
 
 
 def other_relation_prompts(subject: str, scores, threshold: float, n: int) -> list[str]:

@@ -92,7 +92,8 @@ class _Group:
     target_row: torch.Tensor  # [n_target] training example index (for per-example mean)
     is_boundary: torch.Tensor  # [n_keep] bool: this kept position follows a whole target
     boundary_row: torch.Tensor  # [n_boundary] training example index of each boundary position
-    is_negative: torch.Tensor  # [n_keep] bool: last position of an other-fact prompt
+    is_negative: torch.Tensor  # [n_keep] bool: predicts a token of the base answer to an other-fact prompt
+    negative_prompts: int = 0  # other-fact prompts in this batch (each trained form carries the same ones)
 
 
 def adapted_layers(lm: LM, config: PnPConfig) -> list[int]:
@@ -137,6 +138,11 @@ def init_delta(lm: LM, config: PnPConfig) -> Delta:
     return Delta("lora", tensors, meta)
 
 
+def own_prompts(request: EditRequest) -> set[str]:
+    """The request's prompt and paraphrases, stripped: no augmentation repeats or contradicts them."""
+    return {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
+
+
 def relation_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
     """Up to ``relation_frames`` built-in phrasings of the edited relation, filled with the subject:
     those the relation check scores highest (and at least at its threshold) as queries of this
@@ -149,7 +155,7 @@ def relation_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
 
     ranked = same_relation_ranked([request.prompt], subject, request.target,
                                   tuple(f.format(s=PLACEHOLDER) for f in RELATION_FRAMES))
-    own = {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
+    own = own_prompts(request)
     prompts = (RELATION_FRAMES[i].format(s=subject) for i in ranked)
     return [p for p in prompts if p not in own][: config.relation_frames]
 
@@ -251,7 +257,7 @@ def _build_group(
     return _Group(
         ids.to(dev), attn.to(dev), keep.to(dev), tensor(is_target, torch.bool), tensor(targets, torch.long),
         tensor(target_row, torch.long), tensor(is_boundary, torch.bool), tensor(boundary_row, torch.long),
-        tensor(is_negative, torch.bool),
+        tensor(is_negative, torch.bool), len(negatives),
     )
 
 
@@ -285,7 +291,7 @@ def negative_texts(request: EditRequest, config: PnPConfig) -> list[str]:
     that the relation check tells apart from the edited one (``other_relation_prompts``)."""
     if config.negative_weight <= 0 or config.negative_prompts == 0:
         return []
-    own = {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
+    own = own_prompts(request)
     given = [n.strip() for n in request.negatives]
     if not any(given) and (request.subject or "").strip():
         from app.methods.pnp.frames import OTHER_FACT_FRAMES, other_relation_prompts
@@ -390,7 +396,7 @@ class PnP(Method[PnPConfig]):
         train_ms = (time.perf_counter() - t0) * 1000.0
         info = {
             "converged": converged, "loss": ce_value, "locality_kl": kl_value, "negative_kl": neg_value,
-            "examples": n_examples, "locality_prompts": n_loc, "negative_prompts": len(negative_texts(request, config)),
+            "examples": n_examples, "locality_prompts": n_loc, "negative_prompts": max((g.negative_prompts for g in groups), default=0),
             "modules": final.modules(),
         }
         return FitResult(final, steps, train_ms, info, base_holds=base_holds)
