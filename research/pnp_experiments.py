@@ -682,6 +682,38 @@ def cmd_scope(args) -> None:
         sel.add(wide)
         r = sel.route("The UK prime minister was born in")
         print(f"  scope=subject: 'The UK prime minister was born in' -> {r.edit_id if r else None}")
+        # birthplace, citizenship and language: person relations whose objects share words
+        for prompt, subject, target, queries in CONFUSION_EXAMPLES:
+            sel = Selector(enc, scope_head=head, scope_threshold=args.examples_threshold)
+            rec = sel.keys_for(prompt, (), subject, target=target)
+            rec.edit_id = "edit"
+            sel.add(rec)
+            print(f"  edit {prompt!r} -> {target!r}")
+            for q, want in queries:
+                r = sel.route(q)
+                got = r is not None
+                print(f"    {q!r:50s} -> {'edit' if got else 'none'} (want {'edit' if want else 'none'}"
+                      f"{'' if got == want else ', WRONG'}; relation score {sel.relation_score(q, rec):.3f})")
+
+
+# Probes for the relation check's birthplace / language / citizenship confusion, with invented
+# subjects (no dataset case): (edit prompt, subject, target, [(query, should the edit serve it)]).
+CONFUSION_EXAMPLES = [
+    ("The mother tongue of Marie Vautrin is", "Marie Vautrin", "English", [
+        ("What is Marie Vautrin's mother tongue?", True), ("Marie Vautrin speaks", True),
+        ("What language does Marie Vautrin speak?", True), ("Where was Marie Vautrin born?", False),
+        ("Marie Vautrin was born in", False), ("Marie Vautrin is a citizen of", False),
+        ("Marie Vautrin died in", False), ("Which country is Marie Vautrin a citizen of?", False)]),
+    ("Tomas Brennick was born in", "Tomas Brennick", "Paris", [
+        ("Where was Tomas Brennick born?", True), ("Tomas Brennick's birthplace is", True),
+        ("Tomas Brennick grew up speaking", False), ("Tomas Brennick is fluent in", False),
+        ("What language does Tomas Brennick speak?", False), ("Tomas Brennick died in", False),
+        ("Tomas Brennick is a citizen of", False), ("Tomas Brennick worked in", False)]),
+    ("Elsa Marchetti is a citizen of", "Elsa Marchetti", "Japan", [
+        ("What is the nationality of Elsa Marchetti?", True), ("Elsa Marchetti holds a passport from", True),
+        ("Elsa Marchetti was born in", False), ("The native language of Elsa Marchetti is", False),
+        ("Elsa Marchetti speaks", False)]),
+]
 
 
 def cmd_typecheck(args) -> None:

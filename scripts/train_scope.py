@@ -71,7 +71,12 @@ EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P13
 # Variants measured and not shipped (docs/scope-notes.md), switched on by --variant v2 / v3:
 # "Tell me about [X]'s ..." forms, an office's hard negatives drawn from person relations too,
 # and (v3) the office relation's pairs three times over.
-VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0, "sentence": False}
+VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0, "sentence": False,
+           "confusable": 0, "clean_cf": False}
+# Person relations whose objects are places, countries and their languages: the texts share words
+# ("X was born in Paris", "X speaks French", "X is a citizen of France"), and the head confused
+# them serving (docs/scope-notes.md). --variant v5 adds negatives drawn from this set.
+CONFUSABLE = ["P19", "P20", "P27", "P103", "P1412", "P937"]
 
 QUESTIONS = {r: list(q) for r, q in RELATION_QUESTIONS.items()}  # app/eval/pararel.py
 TELL_ME = {  # "Tell me [X]'s ..." forms: a noun per relation
@@ -231,6 +236,12 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         cands = [r for r in (typed if hard else pool) if groups[r] != groups[rel] and r in pool]
         return rng.choice(cands) if cands else None
 
+    def confusable_other(rel: str, pool: list[str]) -> str | None:
+        cands = [r for r in CONFUSABLE if r in pool and r in queries and groups[r] != groups[rel]]
+        return rng.choice(cands) if cands else None
+
+    by_template = {fill(t).lower(): r for r in rels for t in prompts[r]}
+
     train, held = [], []
     train_rels = [r for r in rels if groups[r] not in holdout]
     held_rels = [r for r in rels if groups[r] in holdout]
@@ -254,6 +265,10 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
                     near = lexical_other(e, rel, pool)
                     if near:
                         out.append((e, near, 0, "pararel-near"))
+                for _ in range(VARIANT["confusable"] if rel in CONFUSABLE else 0):
+                    other = confusable_other(rel, pool)
+                    if other:
+                        out.append((e, fill(rng.choice(queries[other])), 0, "pararel-conf"))
         if out is held:  # held-out queries against trained relations' edits, and back
             for rel in held_rels:
                 for _ in range(n_pos):
@@ -279,7 +294,16 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         subj = r["subject"]
         base = relation_text(r["prompt"], subj)
         e = f"{base} {r['target_new']}" if rng.random() >= p_no_target else base
-        out.append((e, relation_text(r["rephrase_prompt"], subj), 1, "cf"))
+        rephrase = relation_text(r["rephrase_prompt"], subj)
+        reads_as = by_template.get(query_relation_text(r["rephrase_prompt"], subj).strip().lower())
+        if (VARIANT["clean_cf"] and rel in CONFUSABLE and reads_as in CONFUSABLE
+                and groups.get(reads_as, reads_as) != groups.get(rel, rel)):
+            # a loose rephrase that is another confusable relation's template ("X was born in" for
+            # a native language record): a negative with --variant v5 ("originates from" for a
+            # product's origin stays a positive: there it means the same)
+            out.append((e, rephrase, 0, "cf-loose"))
+        else:
+            out.append((e, rephrase, 1, "cf"))
         if rng.random() < 0.3:
             out.append((e, base, 1, "cf"))
         if rel is None:
@@ -293,6 +317,10 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
             near = lexical_other(base, rel, pool)
             if near:
                 out.append((e, near, 0, "cf-near"))
+        for _ in range(VARIANT["confusable"] if rel in CONFUSABLE else 0):
+            other = confusable_other(rel, pool)
+            if other:
+                out.append((e, fill(rng.choice(queries[other])), 0, "cf-conf"))
         others = [g for g in by_rel if g != groups.get(rel, rel) and (out is held or g not in holdout)]
         if others:
             j = rng.choice(by_rel[rng.choice(others)])
@@ -363,6 +391,19 @@ def to_head(model, hidden: int, meta: dict):
     return ScopeHead(t, meta)
 
 
+def merge_heads(heads: list, meta: dict):
+    """K MLP heads as one wider MLP whose logit is their mean logit (hidden units side by side,
+    output weights divided by K): an ensemble that serves like a single head."""
+    from app.selector.scope import ScopeHead
+
+    if len(heads) == 1:
+        return heads[0]
+    k = len(heads)
+    t = {"w1": np.concatenate([h.w1 for h in heads], axis=1), "b1": np.concatenate([h.b1 for h in heads]),
+         "w2": np.concatenate([h.w2 for h in heads]) / k, "b2": np.array([sum(h.b2 for h in heads) / k], np.float32)}
+    return ScopeHead(t, meta)
+
+
 def report(head, pairs, vecs, label: str) -> None:
     x, y = features(pairs, vecs)
     from app.selector.scope import ScopeHead  # noqa: F401
@@ -389,15 +430,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "app" / "data" / "scope_head.safetensors"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128, help="MLP width (0: logistic regression)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=24)
+    ap.add_argument("--ensemble", type=int, default=1,
+                    help="train K heads (seeds seed..seed+K-1) and ship their mean logit as one wider MLP")
+    ap.add_argument("--wd", type=float, default=1e-4, help="AdamW weight decay")
     ap.add_argument("--holdout", action="store_true",
                     help="leave relation groups out of training and report on them (not for shipping)")
     ap.add_argument("--threshold", type=float, default=0.5, help="default decision threshold stored in the head")
     ap.add_argument("--cache", default="/tmp/scope_embed_cache.npz")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variant", choices=["v1", "v2", "v3", "v4"], default="v1",
+    ap.add_argument("--variant", choices=["v1", "v2", "v3", "v4", "v5"], default="v1",
                     help="v1: the shipped head; v2/v3: variants measured and not kept; v4: v1 + near-miss "
-                         "negatives (templates of other relations sharing most words)")
+                         "negatives (templates of other relations sharing most words); v5: v1 + negatives among "
+                         "person relations of places and languages, loose CounterFact rephrases as negatives")
+    ap.add_argument("--confusable", type=int, default=2, help="v5: negatives from CONFUSABLE per positive")
     ap.add_argument("--lexical", type=int, default=2, help="v4: near-miss negatives per positive")
     ap.add_argument("--sentence", action="store_true",
                     help="CounterFact texts cut to the sentence naming the subject (measured, not kept)")
@@ -407,6 +453,8 @@ def main() -> None:
     VARIANT["sentence"] = args.sentence
     if args.variant == "v4":
         VARIANT.update(lexical=args.lexical)
+    if args.variant == "v5":
+        VARIANT.update(confusable=args.confusable, clean_cf=True)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -416,14 +464,15 @@ def main() -> None:
     vecs = embed([t for p in train + held for t in p[:2]], Path(args.cache))
     x, y = features(train, vecs)
     t0 = time.perf_counter()
-    model = train_head(x, y, args.hidden, args.epochs, args.seed)
+    models = [train_head(x, y, args.hidden, args.epochs, args.seed + k, args.wd) for k in range(args.ensemble)]
     print(f"trained in {time.perf_counter() - t0:.0f}s")
     meta = {"variant": args.variant, "sentence": "1" if args.sentence else "0", "encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
             "hidden": str(args.hidden), "seed": str(args.seed), "epochs": str(args.epochs),
             "cf_train_records": f"{CF_FIT[0]}-{CF_FIT[1] - 1}",
             "holdout": ",".join(sorted(holdout)),
             "data": hashlib.sha256(json.dumps(train).encode()).hexdigest()[:16]}
-    head = to_head(model, args.hidden, meta)
+    meta["ensemble"] = str(args.ensemble)
+    head = merge_heads([to_head(m, args.hidden, meta) for m in models], meta)
     report(head, train, vecs, "train")
     if held:
         report(head, held, vecs, "held-out")
