@@ -582,7 +582,9 @@ def typed_same_subject_queries(records: list[dict], relations: list, seed: int =
         cands = [o for o in forms if o != ts.OFFICE and ts.SUBJECT_TYPE.get(o) == ts.types_of(rel)[0]
                  and ts.group_of(o) != ts.group_of(rel)]
         for other in rng.sample(cands, min(per, len(cands))):
-            pool = [f for f in forms[other] if not questions or f not in ts.pararel_prompts().get(other, [])]
+            pool = [f for f in forms[other] if not questions or (
+                f not in ts.pararel_prompts().get(other, [])
+                and f.replace("[X]", "{s}") not in ts.FRAME_RELATIONS.get(other, []))]  # questions only
             if pool:
                 out.append((rng.choice(pool).replace("[X]", r["subject"]), i, other))
     return out

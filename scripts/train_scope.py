@@ -72,7 +72,7 @@ EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P13
 # "Tell me about [X]'s ..." forms, an office's hard negatives drawn from person relations too,
 # and (v3) the office relation's pairs three times over.
 VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0, "sentence": False,
-           "confusable": 0, "clean_cf": False}
+           "confusable": 0, "clean_cf": False, "frames": True}
 # Person relations whose objects are places, countries and their languages: the texts share words
 # ("X was born in Paris", "X speaks French", "X is a citizen of France"), and the head confused
 # them serving (docs/scope-notes.md). --variant v5 adds negatives drawn from this set.
@@ -85,6 +85,50 @@ TELL_ME = {  # "Tell me [X]'s ..." forms: a noun per relation
     "P36": "capital", "P37": "official language", "P159": "headquarters", "P176": "manufacturer",
     "P178": "developer", "P264": "record label", "P1303": "instrument", "P136": "genre",
     "P413": "position", "P449": "original network", "P127": "owner", "P39": "office",
+}
+# The phrasings the adapter's ``relation_frames`` are picked from (app/methods/pnp/frames.py, no labels
+# there), labelled here by relation and added to the query forms: the head decides which of them
+# ask the edited relation, so it must have seen them ("X grew up speaking" is a language, not a
+# birthplace). Frames whose relation is not one of ParaRel's are left out.
+FRAME_RELATIONS = {
+    "P19": ["{s} was born in", "The birthplace of {s} is", "{s} came into the world in", "{s} is originally from"],
+    "P20": ["{s} died in", "The place where {s} died is", "{s} spent the last days of life in", "{s} lost their life in"],
+    "P27": ["{s} is a citizen of", "{s} holds a passport from", "The nationality of {s} is", "{s} has citizenship of"],
+    "P17": ["{s} is located in the country of", "The country {s} belongs to is"],
+    "P131": ["{s} is situated in", "{s} is part of the region of", "The region that contains {s} is"],
+    "P30": ["{s} is on the continent of", "{s} is a part of the continent", "The continent where {s} lies is"],
+    "P495": ["{s} originated in", "{s} comes from the country", "The country of origin of {s} is",
+             "{s} was created in the country of"],
+    "P36": ["The capital of {s} is", "{s}'s capital city is", "The seat of government of {s} is"],
+    "P37": ["The official language of {s} is", "In {s}, people speak", "The language spoken in {s} is",
+            "{s} is a country where people speak"],
+    "P103": ["The mother tongue of {s} is", "{s} natively speaks", "{s} grew up speaking", "{s}'s first language is"],
+    "P1412": ["{s} speaks the language", "{s} is fluent in", "The languages {s} can speak include"],
+    "P364": ["The original language of {s} is", "{s} was written in the language", "The language of {s} is"],
+    "P106": ["{s} works as a", "The profession of {s} is", "{s} earns a living as a", "By trade, {s} is a"],
+    "P101": ["{s} works in the area of", "The field of {s} is", "{s} specializes in", "{s}'s area of expertise is"],
+    "P39": ["{s} holds the position of", "The office held by {s} is", "{s} was elected"],
+    "P108": ["{s} works for", "The employer of {s} is", "{s} is on the staff of", "{s} is employed at"],
+    "P463": ["{s} is a member of", "{s} is affiliated with"],
+    "P264": ["{s} records for the label", "The record label of {s} is", "{s} is signed with",
+             "{s}'s music is released by"],
+    "P937": ["{s} worked in the city of", "{s} used to work in", "The city where {s} worked is", "{s} had an office in"],
+    "P140": ["The religion of {s} is", "{s} follows the religion of", "{s} is a follower of"],
+    "P413": ["{s} plays in the position of", "{s}'s position on the team is", "On the field, {s} plays as"],
+    "P1303": ["The instrument {s} plays is", "{s} is known for playing the", "{s} performs on the"],
+    "P136": ["The genre of {s} is", "{s} plays music in the style of", "{s} is known for the genre"],
+    "P159": ["The headquarters of {s} are in", "{s} is headquartered in", "{s} has its main office in",
+             "{s}'s head office is located in"],
+    "P127": ["{s} is owned by", "The owner of {s} is", "{s} is a subsidiary of"],
+    "P740": ["{s} was formed in", "{s} started out in", "The city where {s} was founded is"],
+    "P176": ["{s} is made by", "{s} is produced by", "The manufacturer of {s} is", "{s} is a product of"],
+    "P178": ["{s} was developed by", "The developer of {s} is", "{s} is a product developed by", "{s} was designed by"],
+    "P138": ["{s} is named after", "{s} is named for", "The name of {s} comes from", "{s} takes its name from"],
+    "P449": ["{s} first aired on", "{s} was broadcast on", "The network that shows {s} is", "{s} premiered on the network"],
+    "P190": ["The twin city of {s} is", "The sister city of {s} is", "{s} is twinned with",
+             "{s} has a partnership with the city of"],
+    "P47": ["{s} shares a border with", "{s} borders", "A neighbour of {s} is"],
+    OFFICE: ["The current {s} is", "The person serving as {s} is", "The office of {s} is held by", "Right now the {s} is"],
 }
 OFFICE_PROMPTS = ["The [X] is", "The current [X] is", "[X] is currently", "The person serving as [X] is",
                   "The office of [X] is held by", "Right now the [X] is"]
@@ -134,6 +178,12 @@ def query_forms() -> dict[str, list[str]]:
         if VARIANT["tell_about"]:
             out[r].append(f"Tell me about [X]'s {noun}.")
     out[OFFICE].extend(OFFICE_QUESTIONS)
+    if VARIANT["frames"]:
+        from app.methods.pnp.frames import RELATION_FRAMES
+
+        for r, frames in FRAME_RELATIONS.items():
+            assert all(f in RELATION_FRAMES for f in frames), [f for f in frames if f not in RELATION_FRAMES]
+            out.setdefault(r, []).extend(f.replace("{s}", "[X]") for f in frames if f.replace("{s}", "[X]") not in out.get(r, []))
     return out
 
 
@@ -445,12 +495,15 @@ def main() -> None:
                          "person relations of places and languages, loose CounterFact rephrases as negatives")
     ap.add_argument("--confusable", type=int, default=2, help="v5: negatives from CONFUSABLE per positive")
     ap.add_argument("--lexical", type=int, default=2, help="v4: near-miss negatives per positive")
+    ap.add_argument("--no-frames", dest="frames", action="store_false",
+                    help="leave the adapter's relation frames (FRAME_RELATIONS) out of the query forms")
     ap.add_argument("--sentence", action="store_true",
                     help="CounterFact texts cut to the sentence naming the subject (measured, not kept)")
     args = ap.parse_args()
     if args.variant in ("v2", "v3"):
         VARIANT.update(tell_about=True, office_person=True, office_weight=3 if args.variant == "v3" else 1)
     VARIANT["sentence"] = args.sentence
+    VARIANT["frames"] = args.frames
     if args.variant == "v4":
         VARIANT.update(lexical=args.lexical)
     if args.variant == "v5":

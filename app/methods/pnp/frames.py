@@ -140,4 +140,6 @@ RELATION_FRAMES = (
     "The twin city of {s} is", "The sister city of {s} is", "{s} is twinned with", "{s} has a partnership with the city of",
     "{s} shares a border with", "{s} borders", "A neighbour of {s} is",
     "{s} is located at", "The location of {s} is", "{s} can be visited in",
+    # an office and who holds it (the subject is the office)
+    "The current {s} is", "The person serving as {s} is", "The office of {s} is held by", "Right now the {s} is",
 )
