@@ -226,6 +226,7 @@ def test_relation_frames_ask_the_edited_relation_in_other_words_and_only_in_comp
     assert req.prompt not in frames
     born = relation_prompts(EditRequest(f"{subject} was born in", "Paris", subject=subject), cfg)
     assert born and not set(born) & set(frames) and ("birth" in born[0] or "born" in born[0]), born
+    assert not any(w in f.lower() for f in born for w in ("speak", "fluent", "language", "tongue")), born
     # completion form only (the chat form trains the request's own prompts), after the prompt
     assert training_prompts(req, cfg, relation=frames) == [req.prompt, *frames]
     assert training_prompts(req, cfg, augment=False, relation=frames) == [req.prompt]
