@@ -72,7 +72,7 @@ EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P13
 # "Tell me about [X]'s ..." forms, an office's hard negatives drawn from person relations too,
 # and (v3) the office relation's pairs three times over.
 VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0, "sentence": False,
-           "confusable": 0, "clean_cf": False, "frames": True}
+           "confusable": 0, "clean_cf": True, "frames": True}
 # Person relations whose objects are places, countries and their languages: the texts share words
 # ("X was born in Paris", "X speaks French", "X is a citizen of France"), and the head confused
 # them serving (docs/scope-notes.md). --variant v5 adds negatives drawn from this set.
@@ -349,8 +349,9 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         if (VARIANT["clean_cf"] and rel in CONFUSABLE and reads_as in CONFUSABLE
                 and groups.get(reads_as, reads_as) != groups.get(rel, rel)):
             # a loose rephrase that is another confusable relation's template ("X was born in" for
-            # a native language record): a negative with --variant v5 ("originates from" for a
-            # product's origin stays a positive: there it means the same)
+            # a native language record, 33 of records 0-7999): a negative, else a language edit
+            # serves birthplace questions ("originates from" for a product's origin stays a
+            # positive: there it means the same); --keep-loose keeps them as positives
             out.append((e, rephrase, 0, "cf-loose"))
         else:
             out.append((e, rephrase, 1, "cf"))
@@ -492,9 +493,13 @@ def main() -> None:
     ap.add_argument("--variant", choices=["v1", "v2", "v3", "v4", "v5"], default="v1",
                     help="v1: the shipped head; v2/v3: variants measured and not kept; v4: v1 + near-miss "
                          "negatives (templates of other relations sharing most words); v5: v1 + negatives among "
-                         "person relations of places and languages, loose CounterFact rephrases as negatives")
+                         "person relations of places and languages")
     ap.add_argument("--confusable", type=int, default=2, help="v5: negatives from CONFUSABLE per positive")
     ap.add_argument("--lexical", type=int, default=2, help="v4: near-miss negatives per positive")
+    ap.add_argument("--office-person", action="store_true",
+                    help="hard negatives of the office relation drawn from person relations (as v2 does)")
+    ap.add_argument("--keep-loose", dest="clean_cf", action="store_false",
+                    help="keep CounterFact rephrases that read as another person relation's template as positives")
     ap.add_argument("--no-frames", dest="frames", action="store_false",
                     help="leave the adapter's relation frames (FRAME_RELATIONS) out of the query forms")
     ap.add_argument("--sentence", action="store_true",
@@ -504,10 +509,13 @@ def main() -> None:
         VARIANT.update(tell_about=True, office_person=True, office_weight=3 if args.variant == "v3" else 1)
     VARIANT["sentence"] = args.sentence
     VARIANT["frames"] = args.frames
+    VARIANT["clean_cf"] = args.clean_cf
+    if args.office_person:
+        VARIANT["office_person"] = True
     if args.variant == "v4":
         VARIANT.update(lexical=args.lexical)
     if args.variant == "v5":
-        VARIANT.update(confusable=args.confusable, clean_cf=True)
+        VARIANT.update(confusable=args.confusable)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -519,7 +527,7 @@ def main() -> None:
     t0 = time.perf_counter()
     models = [train_head(x, y, args.hidden, args.epochs, args.seed + k, args.wd) for k in range(args.ensemble)]
     print(f"trained in {time.perf_counter() - t0:.0f}s")
-    meta = {"variant": args.variant, "sentence": "1" if args.sentence else "0", "encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
+    meta = {"variant": args.variant, "frames": "1" if args.frames else "0", "loose_negatives": "1" if args.clean_cf else "0", "sentence": "1" if args.sentence else "0", "encoder": "minilm", "dim": "384", "use_target": "1", "threshold": str(args.threshold),
             "hidden": str(args.hidden), "seed": str(args.seed), "epochs": str(args.epochs),
             "cf_train_records": f"{CF_FIT[0]}-{CF_FIT[1] - 1}",
             "holdout": ",".join(sorted(holdout)),
