@@ -72,7 +72,7 @@ EXTRA_TYPES = {"P136": ["org"], "P264": ["org"], "P127": ["work", "place"], "P13
 # "Tell me about [X]'s ..." forms, an office's hard negatives drawn from person relations too,
 # and (v3) the office relation's pairs three times over.
 VARIANT = {"tell_about": False, "office_person": False, "office_weight": 1, "lexical": 0, "sentence": False,
-           "confusable": 0, "clean_cf": True, "frames": True}
+           "confusable": 0, "clean_cf": False, "frames": True}
 # Person relations whose objects are places, countries and their languages: the texts share words
 # ("X was born in Paris", "X speaks French", "X is a citizen of France"), and the head confused
 # them serving (docs/scope-notes.md). --variant v5 adds negatives drawn from this set.
@@ -349,9 +349,9 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         if (VARIANT["clean_cf"] and rel in CONFUSABLE and reads_as in CONFUSABLE
                 and groups.get(reads_as, reads_as) != groups.get(rel, rel)):
             # a loose rephrase that is another confusable relation's template ("X was born in" for
-            # a native language record, 33 of records 0-7999): a negative, else a language edit
-            # serves birthplace questions ("originates from" for a product's origin stays a
-            # positive: there it means the same); --keep-loose keeps them as positives
+            # a native language record, 33 of records 0-7999): a negative with --loose-negatives
+            # (measured, not shipped: docs/scope-notes.md); "originates from" for a product's
+            # origin stays a positive: there it means the same
             out.append((e, rephrase, 0, "cf-loose"))
         else:
             out.append((e, rephrase, 1, "cf"))
@@ -498,8 +498,9 @@ def main() -> None:
     ap.add_argument("--lexical", type=int, default=2, help="v4: near-miss negatives per positive")
     ap.add_argument("--office-person", action="store_true",
                     help="hard negatives of the office relation drawn from person relations (as v2 does)")
-    ap.add_argument("--keep-loose", dest="clean_cf", action="store_false",
-                    help="keep CounterFact rephrases that read as another person relation's template as positives")
+    ap.add_argument("--loose-negatives", dest="clean_cf", action="store_true",
+                    help="CounterFact rephrases that read as another person relation's template as negatives "
+                         "(measured, not shipped)")
     ap.add_argument("--no-frames", dest="frames", action="store_false",
                     help="leave the adapter's relation frames (FRAME_RELATIONS) out of the query forms")
     ap.add_argument("--sentence", action="store_true",
