@@ -183,7 +183,8 @@ def query_forms() -> dict[str, list[str]]:
 
         for r, frames in FRAME_RELATIONS.items():
             assert all(f in RELATION_FRAMES for f in frames), [f for f in frames if f not in RELATION_FRAMES]
-            out.setdefault(r, []).extend(f.replace("{s}", "[X]") for f in frames if f.replace("{s}", "[X]") not in out.get(r, []))
+            forms = out.setdefault(r, [])
+            forms.extend(t for t in (f.replace("{s}", "[X]") for f in frames) if t not in forms)
     return out
 
 
@@ -204,16 +205,23 @@ def fill(template: str) -> str:
     return template.replace("[X]", "X").strip()
 
 
+def template_relations() -> dict[str, str]:
+    """A ParaRel prompt template, masked and lower-cased ("x was born in"), -> its relation (the
+    first relation that has it)."""
+    out: dict[str, str] = {}
+    for rel, ts in pararel_prompts().items():
+        for t in ts:
+            out.setdefault(fill(t).lower(), rel)
+    return out
+
+
 def cf_relations(records: list[dict]) -> list[str | None]:
     """Each CounterFact record's ParaRel relation (None when it cannot be told): its masked prompt
     matched to a ParaRel template, else a vote of T-REx objects (target_new and ground_truth)
     over all records sharing its masked prompt."""
     from app.selector.scope import mask_subject
 
-    by_text = {}
-    for rel, ts in pararel_prompts().items():
-        for t in ts:
-            by_text.setdefault(fill(t).lower(), rel)
+    by_text = template_relations()
     objects: dict[str, set[str]] = {}
     for rel, facts in trex_facts().items():
         objects.setdefault(rel, set()).update(o for _, o in facts)
@@ -290,7 +298,7 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         cands = [r for r in CONFUSABLE if r in pool and r in queries and groups[r] != groups[rel]]
         return rng.choice(cands) if cands else None
 
-    by_template = {fill(t).lower(): r for r in rels for t in prompts[r]}
+    by_template = template_relations() if VARIANT["clean_cf"] else {}
 
     train, held = [], []
     train_rels = [r for r in rels if groups[r] not in holdout]
@@ -345,8 +353,9 @@ def build_pairs(seed: int, holdout: set[str], cf_range: tuple[int, int], p_no_ta
         base = relation_text(r["prompt"], subj)
         e = f"{base} {r['target_new']}" if rng.random() >= p_no_target else base
         rephrase = relation_text(r["rephrase_prompt"], subj)
-        reads_as = by_template.get(query_relation_text(r["rephrase_prompt"], subj).strip().lower())
-        if (VARIANT["clean_cf"] and rel in CONFUSABLE and reads_as in CONFUSABLE
+        reads_as = (by_template.get(query_relation_text(r["rephrase_prompt"], subj).strip().lower())
+                    if VARIANT["clean_cf"] and rel in CONFUSABLE else None)
+        if (reads_as in CONFUSABLE
                 and groups.get(reads_as, reads_as) != groups.get(rel, rel)):
             # a loose rephrase that is another confusable relation's template ("X was born in" for
             # a native language record, 33 of records 0-7999): a negative with --loose-negatives
@@ -532,8 +541,8 @@ def main() -> None:
             "hidden": str(args.hidden), "seed": str(args.seed), "epochs": str(args.epochs),
             "cf_train_records": f"{CF_FIT[0]}-{CF_FIT[1] - 1}",
             "holdout": ",".join(sorted(holdout)),
+            "ensemble": str(args.ensemble),
             "data": hashlib.sha256(json.dumps(train).encode()).hexdigest()[:16]}
-    meta["ensemble"] = str(args.ensemble)
     head = merge_heads([to_head(m, args.hidden, meta) for m in models], meta)
     report(head, train, vecs, "train")
     if held:
