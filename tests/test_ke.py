@@ -190,6 +190,53 @@ def test_unset_scale_is_stronger_for_a_routed_edit_than_for_a_global_one(lm, tra
         E.attach(lm, None)
 
 
+def test_lead_in_sentences_and_relation_phrasings_join_the_gradient_and_not_the_stop_rule(lm, trained):
+    """`context_sentences` / `relation_frames`: more completion-form prompts of the same fact in the
+    editor's gradient (more positions in its low-rank update), weighed by `extra_weight`; the stop
+    rule and the fit's per-form check still read the request's own prompt."""
+    from app.methods import EditRequest, get
+    from app.methods.augment import CONTEXT_SENTENCES, relation_phrasings
+    from app.methods.ke import editor as E
+    from app.methods.ke.method import extra_prompts
+
+    out, _ = trained
+    E.attach(lm, E.load_editor(out / "editor.safetensors"))
+    try:
+        method = get("ke")
+        prompt, target = FACTS[1]
+        req = EditRequest(prompt=prompt, target=target, subject="Vendoria")
+
+        def fit(config: dict):
+            return method.fit(lm, req, method.parse_config({"loop": 1, "chat": False, **config}))
+
+        def rank(f) -> int:
+            return int(f.delta.get(f.delta.modules()[0], "A").shape[0])
+
+        plain, lead = fit({}), fit({"context_sentences": 2})
+        assert extra_prompts(req, method.parse_config({"context_sentences": 2})) == [
+            f"{s} {prompt}" for s in CONTEXT_SENTENCES[:2]]
+        n_extra = sum(len(lm.prompt_ids(p, "completion")) + len(lm.target_ids(p, target, "completion")) - 1
+                      for p in extra_prompts(req, method.parse_config({"context_sentences": 2})))
+        assert rank(lead) == rank(plain) + n_extra  # one position per input token of each lead-in row
+        path, k = plain.delta.modules()[0], rank(plain) - 1  # the last factor is the editor's bias term
+        assert torch.allclose(lead.delta.get(path, "A")[:k], plain.delta.get(path, "A")[:k])
+        assert lead.delta.get(path, "B")[:, k:-1].abs().sum() > 0  # the lead-ins' own gradient, not zero
+        # weight 0: the lead-ins are left out, the update is the plain one
+        off = fit({"context_sentences": 2, "extra_weight": 0})
+        assert off.delta.tensors.keys() == plain.delta.tensors.keys()
+        assert all(torch.allclose(off.delta.tensors[k], plain.delta.tensors[k]) for k in plain.delta.tensors)
+        # the per-form check is the request's prompt's, whatever the lead-ins do
+        assert set(lead.prompt_holds) <= {"completion"}
+        # relation phrasings come from the selector's relation check, after the lead-ins
+        frames = extra_prompts(req, method.parse_config({"relation_frames": 2, "context_sentences": 1}))
+        assert frames == [f"{CONTEXT_SENTENCES[0]} {prompt}", *relation_phrasings(req, 2)]
+        assert extra_prompts(EditRequest(prompt=prompt, target=target), method.parse_config({"relation_frames": 2})) == []
+        with pytest.raises(Exception):
+            method.parse_config({"context_sentences": 9})
+    finally:
+        E.attach(lm, None)
+
+
 def test_a_global_edit_is_made_by_the_global_editor_when_one_is_installed(lm, trained, tmp_path):
     """Editors per scope: ``load_for`` finds the routed and the global file under the home; a global
     edit is made by the global editor, a routed one by the routed editor; without a global editor the

@@ -30,6 +30,21 @@ class KeConfig(MethodConfig):
         "has a chat template. Without it an edit seldom reaches chat answers (the service's default form): the "
         "editor is trained on completion form (docs/ke-notes.md).",
     )
+    context_sentences: int = Field(
+        default=0, ge=0, le=8,
+        description="Also take the prompt after this many unrelated lead-in sentences into the gradient "
+        "(completion form, not in the stop rule).",
+    )
+    relation_frames: int = Field(
+        default=0, ge=0, le=8,
+        description="Also take this many built-in phrasings of the edited relation, filled with the subject, "
+        "into the gradient (completion form, not in the stop rule; needs the edit's subject).",
+    )
+    extra_weight: float = Field(
+        default=1.0, ge=0.0, le=10.0,
+        description="The weight of the `context_sentences` and `relation_frames` prompts in the loss, together, "
+        "beside the request's own prompts' mean (weight 1).",
+    )
     routed: bool = Field(
         default=True,
         description="Serve the edit behind the selector (only queries routed to it see the update); false: the "

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 
 from app.delta import Delta
 from app.lm.engine import LM
+from app.methods.augment import CONTEXT_SENTENCES, relation_phrasings
 from app.methods.base import EditRequest, FitResult, Method, MethodUnavailable, ProgressFn, register
 from app.methods.ke import editor as E
 from app.methods.ke.config import KeConfig
@@ -30,31 +32,38 @@ def train_command(lm: LM) -> str:
 
 
 def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, scale: float = 1.0,
-                 chat: bool = False, check: bool = True) -> tuple[Delta, int, bool | None, bool, dict[str, bool]]:
+                 chat: bool = False, check: bool = True, extra: Sequence[str] = (), extra_weight: float = 1.0
+                 ) -> tuple[Delta, int, bool | None, bool, dict[str, bool]]:
     """(delta, passes, the target holds on every prompt, the unedited model already wrote it after
     the prompt, per form whether the target holds on the prompt with the returned delta) for
     ``request``; with ``chat`` (and a chat template) the prompt's chat form joins the gradient and
-    the stop rule. Without ``check`` the last pass is not verified by another forward (None, and no
-    forms, when the loop did not see it hold): the service measures the stored edit through the
-    served path anyway."""
+    the stop rule. ``extra`` prompts (completion form) join the gradient only, their mean loss
+    weighing ``extra_weight`` beside the mean of the request's own prompts; they are a batch of their
+    own (a short prompt is not padded to the chat form's length) and never part of the stop rule.
+    Without ``check`` the last pass is not verified by another forward (None, and no forms, when the
+    loop did not see it hold): the service measures the stored edit through the served path anyway."""
     editor = ef.editor
     prompts = [p for p in dict.fromkeys([request.prompt, *request.paraphrases]) if p.strip()]
     modes = ["completion"] + (["chat"] if chat and lm.has_chat_template else [])
     rows = [(p, m, lm.prompt_ids(p, m), lm.target_ids(p, request.target, m))
             for m in modes for p in (prompts if m == "completion" else prompts[:1])]
     rows = [r for r in rows if r[3]]
-    examples = [(ids, t) for _, _, ids, t in rows]
-    prompt_rows = {m: i for i, (p, m, _, _) in enumerate(rows) if p == request.prompt}
-    if not examples:
+    if not rows:
         raise ValueError("the target encodes to no tokens")
-    batch = E.make_batch(lm, examples)
+    prompt_rows = {m: i for i, (p, m, _, _) in enumerate(rows) if p == request.prompt}
+    batch = E.make_batch(lm, [(ids, t) for _, _, ids, t in rows])
+    more = [(ids, t) for ids, t in ((lm.prompt_ids(p, "completion"), lm.target_ids(p, request.target, "completion"))
+                                    for p in dict.fromkeys(extra) if p.strip() and p not in prompts) if t]
+    more_batch = E.make_batch(lm, more) if more and extra_weight > 0 else None
     delta: Delta | None = None
     passes, holds, base_holds = 0, False, False
     embeds = None
 
     forms: dict[str, bool] = {}
-    # The update sits at the edited blocks: the blocks below them are run once for this batch.
-    prefix = lm.prefix(min(lm.arch.block_of(p) for p in editor.paths))
+    # The update sits at the edited blocks: the blocks below them are run once for each batch.
+    first_block = min(lm.arch.block_of(p) for p in editor.paths)
+    prefix = lm.prefix(first_block)
+    more_prefix = lm.prefix(first_block)
 
     def held_by(update: Delta) -> bool:  # a forward without gradients: is every target the argmax?
         with torch.no_grad(), lm.active([update]), prefix.use():
@@ -67,7 +76,12 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, 
         if delta is not None and held_by(delta):  # the update holds already: no further gradient
             holds = True
             break
-        factors, held, first = E.edit_gradients(lm, editor.paths, batch, [delta] if delta is not None else [], prefix)
+        active = [delta] if delta is not None else []
+        factors, held, first = E.edit_gradients(lm, editor.paths, batch, active, prefix)
+        if more_batch is not None:  # the summed loss's factors: the two batches' positions side by side
+            added, _, _ = E.edit_gradients(lm, editor.paths, more_batch, active, more_prefix)
+            factors = {p: E.Factors(torch.cat([f.x, added[p].x]), torch.cat([f.g, added[p].g * extra_weight]))
+                       for p, f in factors.items()}
         if delta is None:
             base_holds = bool(held[0])  # row 0: the prompt in completion form, before any update
         if embeds is None:
@@ -83,6 +97,13 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, 
             return delta, passes, None, base_holds, {}
         holds = held_by(delta)
     return delta, passes, holds, base_holds, dict(forms)
+
+
+def extra_prompts(request: EditRequest, config: KeConfig) -> list[str]:
+    """The prompt after ``context_sentences`` lead-in sentences and up to ``relation_frames`` phrasings of
+    the edited relation (those the selector's relation check ranks first), for the gradient."""
+    out = [f"{s} {request.prompt.lstrip()}" for s in CONTEXT_SENTENCES[: config.context_sentences]]
+    return out + relation_phrasings(request, config.relation_frames)
 
 
 @register("ke")
@@ -121,7 +142,8 @@ class KnowledgeEditorMethod(Method[KeConfig]):
         scope = "routed" if config.routed else "global"
         ef = E.attached(lm, scope)
         delta, passes, holds, base_holds, prompt_holds = apply_editor(
-            lm, ef, request, config.loop, config.effective_scale(), config.chat, check=False)
+            lm, ef, request, config.loop, config.effective_scale(), config.chat, check=False,
+            extra=extra_prompts(request, config), extra_weight=config.extra_weight)
         meta = {"scale": "1.0", "method": "ke", "target": request.target.strip(),
                 "routed": "true" if config.routed else "false", "editor": ef.meta.get("model_hash", "")[:16],
                 "editor_scope": "routed" if ef is E.attached(lm) else "global"}

@@ -24,61 +24,15 @@ import torch.nn.functional as F
 from app.delta import Delta
 from app.lm.arch import linear_dims
 from app.lm.engine import LM, Mode
+from app.methods.augment import (  # noqa: F401  (CONTEXT_* and own_prompts are part of this module's API)
+    CONTEXT_PREFIXES,
+    CONTEXT_SENTENCES,
+    SUBJECT_TEMPLATES,
+    own_prompts,
+    relation_phrasings,
+)
 from app.methods.base import EditRequest, FitResult, Method, ProgressFn, register
 from app.methods.pnp.config import PnPConfig
-
-# Generic lead-ins for ``context_prefixes``: the edited fact should survive text before it.
-CONTEXT_PREFIXES = (
-    "Here is a fact.",
-    "I read this today:",
-    "Quick question.",
-    "Note:",
-    "As everyone knows,",
-    "Let me tell you something.",
-    "Fun fact:",
-    "In short,",
-    "According to the records,",
-    "For the record,",
-    "Listen.",
-    "Trivia:",
-    "Today I learned that",
-    "Fact check:",
-    "Here's something interesting.",
-    "To be precise,",
-)
-
-# Whole unrelated sentences for ``context_sentences``: text before the question, as in a document.
-CONTEXT_SENTENCES = (
-    "The report was published last spring.",
-    "Many visitors came to the old town that year.",
-    "The results were discussed at length.",
-    "It was a busy week for everyone.",
-    "The museum reopened after renovations.",
-    "Critics gave the album mixed reviews.",
-    "The meeting ended later than planned.",
-    "Several new roads were built in the area.",
-)
-
-# Generic frames for ``subject_templates``: the subject in varied positions and phrasings.
-SUBJECT_TEMPLATES = (
-    "{s} is",
-    "{s}'s",
-    "Tell me about {s}:",
-    "{s} is known for",
-    "What about {s}? It is",
-    "Regarding {s},",
-    "{s} has",
-    "Fact about {s}:",
-    "Here is what I know about {s}:",
-    "{s} -",
-    "About {s}, the answer is",
-    "When it comes to {s}, it is",
-    "{s} was",
-    "People say {s} is",
-    "The thing about {s} is",
-    "Q: {s}? A:",
-)
-
 
 @dataclass
 class _Group:
@@ -138,26 +92,9 @@ def init_delta(lm: LM, config: PnPConfig) -> Delta:
     return Delta("lora", tensors, meta)
 
 
-def own_prompts(request: EditRequest) -> set[str]:
-    """The request's prompt and paraphrases, stripped: no augmentation repeats or contradicts them."""
-    return {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
-
-
 def relation_prompts(request: EditRequest, config: PnPConfig) -> list[str]:
-    """Up to ``relation_frames`` built-in phrasings of the edited relation, filled with the subject:
-    those the relation check scores highest (and at least at its threshold) as queries of this
-    edit, which are the queries the selector would route to it."""
-    subject = (request.subject or "").strip()
-    if config.relation_frames <= 0 or not subject:
-        return []
-    from app.methods.pnp.frames import RELATION_FRAMES
-    from app.selector.scope import PLACEHOLDER, same_relation_ranked
-
-    ranked = same_relation_ranked([request.prompt], subject, request.target,
-                                  tuple(f.format(s=PLACEHOLDER) for f in RELATION_FRAMES))
-    own = own_prompts(request)
-    prompts = (RELATION_FRAMES[i].format(s=subject) for i in ranked)
-    return [p for p in prompts if p not in own][: config.relation_frames]
+    """Up to ``relation_frames`` built-in phrasings of the edited relation (``relation_phrasings``)."""
+    return relation_phrasings(request, config.relation_frames)
 
 
 def training_prompts(request: EditRequest, config: PnPConfig, augment: bool = True,
