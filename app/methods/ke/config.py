@@ -36,9 +36,11 @@ class KeConfig(MethodConfig):
         "(completion form, not in the stop rule).",
     )
     relation_frames: int = Field(
-        default=0, ge=0, le=8,
-        description="Also take this many built-in phrasings of the edited relation, filled with the subject, "
-        "into the gradient (completion form, not in the stop rule; needs the edit's subject).",
+        default=2, ge=0, le=8,
+        description="Also take this many built-in phrasings of the edited relation, filled with the subject "
+        "(those the selector's relation check ranks first), into the gradient: completion form, not in the "
+        "stop rule; needs the edit's subject. They carry the update to rephrasings in completion form "
+        "(docs/ke-notes.md, 'CounterFact rephrases in completion form').",
     )
     extra_weight: float = Field(
         default=1.0, ge=0.0, le=10.0,
