@@ -491,7 +491,7 @@ class Runner:
             self._base_target = (cases, rest, sup, model_id, ds.sha256, base_results, refs, helds, user_view)
             if Path(cfg.base_from).is_file():
                 self._check_base(json.loads(Path(cfg.base_from).read_text(encoding="utf-8")),
-                                 Path(cfg.base_from), ds.sha256, model_id)
+                                 Path(cfg.base_from), ds.sha256, model_id, cases)
 
         curves: list[dict[str, Any]] = []
         fu = routing = None
@@ -562,13 +562,25 @@ class Runner:
             superseded=superseded, user_view=user_view,
         )
 
-    def _check_base(self, data: dict[str, Any], path: Path, sha: str, model_id: str) -> None:
+    def _check_base(self, data: dict[str, Any], path: Path, sha: str, model_id: str, cases: list[EditCase]) -> None:
+        """Refuse a base file made with other settings, data, model, cases or subject questions (checked
+        before editing when the file is already there, so that a long run does not stop at its end)."""
         other = data.get("config", {})
         diff = [k for k in BASE_KEYS if other.get(k, EvalConfig.model_fields[k].default) != getattr(self.cfg, k)]
         if diff:
             raise BaseReuseError(f"{path} was made with other settings: {', '.join(diff)}")
         if data.get("dataset", {}).get("sha256") != sha or data.get("model_id") != model_id:
             raise BaseReuseError(f"{path} was made on another data file or model")
+        saved_refs = (data.get("extra") or {}).get("references") or {}
+        for mode in self.modes:
+            rows = [c for c in data.get("base_cases", []) if c.get("mode") == mode]
+            if [c["case_id"] for c in rows] != [c.case_id for c in cases] or mode not in saved_refs:
+                raise BaseReuseError(f"{path} has no base records of these cases in {mode} form")
+            for i, d in enumerate(rows):  # the subject questions must be the ones this run asks
+                asked = d.get("subj_queries")
+                plan = [q.prompt for q in self.subj[i]]
+                if (asked is not None and asked != plan) or (asked is None and len(d.get("subj_after") or []) != len(plan)):
+                    raise BaseReuseError(f"{path} asked other subject-locality questions (case {d['case_id']})")
 
     def _load_base(self) -> None:
         """Fill the base-model state from ``cfg.base_from`` (waiting for the file): per-case base
@@ -586,18 +598,11 @@ class Runner:
             time.sleep(10.0)
         self.progress("waiting for the base run", 1, 1)
         data = json.loads(path.read_text(encoding="utf-8"))
-        self._check_base(data, path, sha, model_id)
+        self._check_base(data, path, sha, model_id, cases)
         saved_refs = (data.get("extra") or {}).get("references") or {}
         for mode in self.modes:
             rows = [c for c in data.get("base_cases", []) if c.get("mode") == mode]
-            if [c["case_id"] for c in rows] != [c.case_id for c in cases] or mode not in saved_refs:
-                raise BaseReuseError(f"{path} has no base records of these cases in {mode} form")
             mine = self._new_results(cases, sup, mode)
-            for i, d in enumerate(rows):  # the subject questions must be the ones this run asks
-                asked = d.get("subj_queries")
-                plan = [q.prompt for q in self.subj[i]]
-                if (asked is not None and asked != plan) or (asked is None and len(d.get("subj_after") or []) != len(plan)):
-                    raise BaseReuseError(f"{path} asked other subject-locality questions (case {d['case_id']})")
             for r, d in zip(mine, rows):
                 for f in fields(CaseResult):
                     if f.name not in ("mode", "relation", "superseded_by", "case_id", "prompt", "target", "loc_asks"):
