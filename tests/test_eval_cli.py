@@ -310,3 +310,13 @@ def test_base_from_reuses_a_base_run_and_reports_the_same_rows(tmp_path):
                                        "--out", str(outs["bad"]), "--base-from", str(outs["base"] / "results.json")])
     assert res.exit_code == 1 and "other settings" in res.output, res.output
     assert not (outs["bad"] / "results.json").exists()
+    # A base run that asked other subject questions is refused before the first edit, not after the last.
+    tampered = json.loads((outs["base"] / "results.json").read_text())
+    for case in tampered["base_cases"]:
+        if case["case_id"] == tampered["base_cases"][0]["case_id"]:
+            case["subj_queries"] = ["What colour is the sky?"]
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    res = runner.invoke(standalone(), ["eval", *common, "--method", "pnp", "--out", str(outs["bad"]),
+                                       "--base-from", str(tmp_path / "tampered.json")])
+    assert res.exit_code == 1 and "other subject-locality questions" in res.output, res.output
+    assert "editing" not in res.output and not (outs["bad"] / "results.json").exists(), res.output
