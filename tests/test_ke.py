@@ -207,16 +207,16 @@ def test_lead_in_sentences_and_relation_phrasings_join_the_gradient_and_not_the_
         req = EditRequest(prompt=prompt, target=target, subject="Vendoria")
 
         def fit(config: dict):
-            return method.fit(lm, req, method.parse_config({"loop": 1, "chat": False, **config}))
+            return method.fit(lm, req, method.parse_config({"loop": 1, "chat": False, "relation_frames": 0, **config}))
 
         def rank(f) -> int:
             return int(f.delta.get(f.delta.modules()[0], "A").shape[0])
 
         plain, lead = fit({}), fit({"context_sentences": 2})
-        assert extra_prompts(req, method.parse_config({"context_sentences": 2})) == [
-            f"{s} {prompt}" for s in CONTEXT_SENTENCES[:2]]
+        leads = method.parse_config({"context_sentences": 2, "relation_frames": 0})
+        assert extra_prompts(req, leads) == [f"{s} {prompt}" for s in CONTEXT_SENTENCES[:2]]
         n_extra = sum(len(lm.prompt_ids(p, "completion")) + len(lm.target_ids(p, target, "completion")) - 1
-                      for p in extra_prompts(req, method.parse_config({"context_sentences": 2})))
+                      for p in extra_prompts(req, leads))
         assert rank(lead) == rank(plain) + n_extra  # one position per input token of each lead-in row
         path, k = plain.delta.modules()[0], rank(plain) - 1  # the last factor is the editor's bias term
         assert torch.allclose(lead.delta.get(path, "A")[:k], plain.delta.get(path, "A")[:k])
@@ -230,7 +230,8 @@ def test_lead_in_sentences_and_relation_phrasings_join_the_gradient_and_not_the_
         # relation phrasings come from the selector's relation check, after the lead-ins
         frames = extra_prompts(req, method.parse_config({"relation_frames": 2, "context_sentences": 1}))
         assert frames == [f"{CONTEXT_SENTENCES[0]} {prompt}", *relation_phrasings(req, 2)]
-        assert extra_prompts(EditRequest(prompt=prompt, target=target), method.parse_config({"relation_frames": 2})) == []
+        assert method.parse_config({}).relation_frames == 2  # on by default
+        assert extra_prompts(EditRequest(prompt=prompt, target=target), method.parse_config({})) == []
         with pytest.raises(Exception):
             method.parse_config({"context_sentences": 9})
     finally:
