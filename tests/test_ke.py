@@ -230,8 +230,8 @@ def test_lead_in_sentences_and_relation_phrasings_join_the_gradient_and_not_the_
         # relation phrasings come from the selector's relation check, after the lead-ins
         frames = extra_prompts(req, method.parse_config({"relation_frames": 2, "context_sentences": 1}))
         assert frames == [f"{CONTEXT_SENTENCES[0]} {prompt}", *relation_phrasings(req, 2)]
-        assert method.parse_config({}).relation_frames == 2  # on by default
-        assert extra_prompts(EditRequest(prompt=prompt, target=target), method.parse_config({})) == []
+        assert method.parse_config({}).relation_frames == 0 and extra_prompts(req, method.parse_config({})) == []
+        assert extra_prompts(EditRequest(prompt=prompt, target=target), method.parse_config({"relation_frames": 2})) == []
         with pytest.raises(Exception):
             method.parse_config({"context_sentences": 9})
     finally:

@@ -36,11 +36,12 @@ class KeConfig(MethodConfig):
         "(completion form, not in the stop rule).",
     )
     relation_frames: int = Field(
-        default=2, ge=0, le=8,
+        default=0, ge=0, le=8,
         description="Also take this many built-in phrasings of the edited relation, filled with the subject "
         "(those the selector's relation check ranks first), into the gradient: completion form, not in the "
-        "stop rule; needs the edit's subject. They carry the update to rephrasings in completion form "
-        "(docs/ke-notes.md, 'CounterFact rephrases in completion form').",
+        "stop rule; needs the edit's subject. 2 carries CounterFact edits to many more completion-form "
+        "rephrasings and costs chat answers and zsRE questions (docs/ke-notes.md, 'Relation phrasings in the "
+        "gradient'): off by default.",
     )
     extra_weight: float = Field(
         default=1.0, ge=0.0, le=10.0,
