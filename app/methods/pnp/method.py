@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from app.delta import Delta
 from app.lm.arch import linear_dims
 from app.lm.engine import LM, Mode
-from app.methods.augment import (  # noqa: F401  (CONTEXT_* and own_prompts are part of this module's API)
+from app.methods.augment import (
     CONTEXT_PREFIXES,
     CONTEXT_SENTENCES,
     SUBJECT_TEMPLATES,
