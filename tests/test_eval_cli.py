@@ -320,3 +320,15 @@ def test_base_from_reuses_a_base_run_and_reports_the_same_rows(tmp_path):
                                        "--base-from", str(tmp_path / "tampered.json")])
     assert res.exit_code == 1 and "other subject-locality questions" in res.output, res.output
     assert "editing" not in res.output and not (outs["bad"] / "results.json").exists(), res.output
+    # With --base-reask the base model answers this run's subject questions before the first edit: the
+    # rows are those of the run that measured everything itself.
+    reask = tmp_path / "reask"
+    res = runner.invoke(standalone(), ["eval", *common, "--method", "pnp", "--out", str(reask),
+                                       "--base-from", str(tmp_path / "tampered.json"), "--base-reask"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    again = json.loads((reask / "results.json").read_text())
+    assert again["extra"]["base_from"]["subject_questions_asked_here"] == 1
+    for a, b in zip(full["rows"], again["rows"]):
+        assert a == b, a["name"]
+    first = [c for c in again["base_cases"] if c["case_id"] == tampered["base_cases"][0]["case_id"]]
+    assert first and all(c["subj_queries"] != ["What colour is the sky?"] for c in first)

@@ -52,6 +52,10 @@ def eval_command(
         None, "--base-from", dir_okay=False,
         help="results.json of a run on the same cases and settings (e.g. --method none, started beside this "
         "one) whose base-model measurements to reuse; waited for when the edits are done."),
+    base_reask: bool = typer.Option(
+        False, "--base-reask",
+        help="With --base-from (a file already there): ask the base model this run's subject-locality questions "
+        "before the first edit where the file asked others (e.g. made by an older version), instead of refusing it."),
 ) -> None:
     """Edit N cases of a dataset and report reliability, generalization, locality and more."""
     from rich.console import Console
@@ -68,7 +72,8 @@ def eval_command(
     cfg = EvalConfig(dataset=dataset.value, file=file, n=n, method=method, config=cfg_dict, sequential=sequential,
                      seed=seed, shuffle=shuffle, start=start, curve_every=curve_every, held=held,
                      latency_probe=latency_probe, held_min_accuracy=held_min_accuracy, mode=mode.value,
-                     fluency_n=fluency_n, subject_queries=subject_queries, base_from=base_from)
+                     fluency_n=fluency_n, subject_queries=subject_queries, base_from=base_from,
+                     base_reask=base_reask)
     out = out or DEFAULT_RESULTS / f"eval-{dataset.value}-{method}-n{n}-{'seq' if sequential else 'ind'}"
     console = Console(stderr=True)
     console.print(f"{ds.name}: {len(ds.cases)} usable records, {ds.skipped} skipped {dict(ds.skip_reasons) or ''}")

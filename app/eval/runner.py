@@ -80,6 +80,10 @@ class EvalConfig(BaseModel):
         "base-model measurements this run reuses instead of measuring them again; waited for (up to "
         "`base_wait` seconds) when the edits are done, so the two can run side by side.")
     base_wait: float = Field(default=4 * 3600.0, ge=0, description="Seconds to wait for `base_from` to appear.")
+    base_reask: bool = Field(
+        default=False,
+        description="When `base_from` (already there at the start) asked other subject-locality questions than "
+        "this run plans, ask this run's of the base model before the first edit instead of refusing the file.")
 
     def modes(self) -> list[Mode]:
         return ["completion", "chat"] if self.mode == "both" else [self.mode]  # type: ignore[list-item]
@@ -190,6 +194,8 @@ class Runner:
         self.batch_latencies: list[float] = []  # per query, amortised over a batch
         self.stage_s: dict[str, float] = {}  # wall seconds per stage of the run
         self._base_source: dict[str, Any] | None = None  # the --base-from run, once loaded
+        # --base-reask: run indices whose subject questions were asked of the base model here, and the answers
+        self._reasked: dict[str, tuple[list[int], list[dict[str, Any]]]] = {}
         self._stage_t0: dict[str, float] = {}
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -490,8 +496,10 @@ class Runner:
             # already there is checked now, so that a run with other settings stops before editing.
             self._base_target = (cases, rest, sup, model_id, ds.sha256, base_results, refs, helds, user_view)
             if Path(cfg.base_from).is_file():
-                self._check_base(json.loads(Path(cfg.base_from).read_text(encoding="utf-8")),
-                                 Path(cfg.base_from), ds.sha256, model_id, cases)
+                stale = self._check_base(json.loads(Path(cfg.base_from).read_text(encoding="utf-8")),
+                                         Path(cfg.base_from), ds.sha256, model_id, cases, reask=cfg.base_reask)
+                if stale:
+                    self._reask_subject(cases, stale)
 
         curves: list[dict[str, Any]] = []
         fu = routing = None
@@ -562,9 +570,12 @@ class Runner:
             superseded=superseded, user_view=user_view,
         )
 
-    def _check_base(self, data: dict[str, Any], path: Path, sha: str, model_id: str, cases: list[EditCase]) -> None:
+    def _check_base(self, data: dict[str, Any], path: Path, sha: str, model_id: str, cases: list[EditCase],
+                    reask: bool = False) -> list[int]:
         """Refuse a base file made with other settings, data, model, cases or subject questions (checked
-        before editing when the file is already there, so that a long run does not stop at its end)."""
+        before editing when the file is already there, so that a long run does not stop at its end).
+        With ``reask``, cases whose subject questions differ are returned instead (to be asked here); cases
+        already asked here (``self._reasked``) are not checked again."""
         other = data.get("config", {})
         diff = [k for k in BASE_KEYS if other.get(k, EvalConfig.model_fields[k].default) != getattr(self.cfg, k)]
         if diff:
@@ -572,15 +583,35 @@ class Runner:
         if data.get("dataset", {}).get("sha256") != sha or data.get("model_id") != model_id:
             raise BaseReuseError(f"{path} was made on another data file or model")
         saved_refs = (data.get("extra") or {}).get("references") or {}
+        stale: set[int] = set()
         for mode in self.modes:
             rows = [c for c in data.get("base_cases", []) if c.get("mode") == mode]
             if [c["case_id"] for c in rows] != [c.case_id for c in cases] or mode not in saved_refs:
                 raise BaseReuseError(f"{path} has no base records of these cases in {mode} form")
+            done = set(self._reasked[mode][0]) if mode in self._reasked else set()
             for i, d in enumerate(rows):  # the subject questions must be the ones this run asks
+                if i in done:
+                    continue
                 asked = d.get("subj_queries")
                 plan = [q.prompt for q in self.subj[i]]
                 if (asked is not None and asked != plan) or (asked is None and len(d.get("subj_after") or []) != len(plan)):
-                    raise BaseReuseError(f"{path} asked other subject-locality questions (case {d['case_id']})")
+                    if not reask:
+                        raise BaseReuseError(f"{path} asked other subject-locality questions (case {d['case_id']}); "
+                                             "--base-reask asks the base model this run's before the first edit")
+                    stale.add(i)
+        return sorted(stale)
+
+    def _reask_subject(self, cases: list[EditCase], stale: list[int]) -> None:
+        """Ask the subject questions of cases ``stale`` of the base model (no edit made yet), in every form."""
+        keep, self.fluency_idx = self.fluency_idx, set()  # subject questions only, no long answers
+        try:
+            for mode in self.modes:
+                self.mode = mode
+                self.progress(f"base model, subject questions ({mode})", 0, 1)
+                self._reasked[mode] = (stale, self.measure_user([cases[i] for i in stale], stale))
+                self.progress(f"base model, subject questions ({mode})", 1, 1)
+        finally:
+            self.fluency_idx, self.mode = keep, self.modes[0]
 
     def _load_base(self) -> None:
         """Fill the base-model state from ``cfg.base_from`` (waiting for the file): per-case base
@@ -607,6 +638,12 @@ class Runner:
                 for f in fields(CaseResult):
                     if f.name not in ("mode", "relation", "superseded_by", "case_id", "prompt", "target", "loc_asks"):
                         setattr(r, f.name, d.get(f.name))
+            if mode in self._reasked:
+                idx, user = self._reasked[mode]
+                for i in idx:
+                    mine[i].subj_queries = mine[i].subj_before = mine[i].subj_after = None
+                    mine[i].subj_routed, mine[i].subj_loc = None, None
+                self.fill_user([mine[i] for i in idx], [cases[i] for i in idx], user, None, idx)
             base_results[mode] = mine
             refs[mode].update({k: Reference(**v) for k, v in saved_refs[mode].items()})
             held = data.get("held") or {}
@@ -622,7 +659,9 @@ class Runner:
         env = data.get("env") or {}
         self._base_source = {"file": str(path), "commit": (env.get("git") or {}).get("commit"),
                              "date": env.get("date"), "elapsed_s": data.get("elapsed_s"),
-                             "stages_s": t.get("stages_s")}
+                             "stages_s": t.get("stages_s"),
+                             "subject_questions_asked_here": len(next(iter(self._reasked.values()))[0])
+                             if self._reasked else 0}
 
     def _edit(self, case: EditCase, result: CaseResult) -> bool:
         """Apply one edit; a refusal (e.g. the target already holds) is recorded, not fatal."""
