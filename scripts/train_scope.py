@@ -86,7 +86,7 @@ TELL_ME = {  # "Tell me [X]'s ..." forms: a noun per relation
     "P178": "developer", "P264": "record label", "P1303": "instrument", "P136": "genre",
     "P413": "position", "P449": "original network", "P127": "owner", "P39": "office",
 }
-# The phrasings the adapter's ``relation_frames`` are picked from (app/methods/pnp/frames.py, no labels
+# The phrasings the adapter's ``relation_frames`` are picked from (app/methods/frames.py, no labels
 # there), labelled here by relation and added to the query forms: the head decides which of them
 # ask the edited relation, so it must have seen them ("X grew up speaking" is a language, not a
 # birthplace). Frames whose relation is not one of ParaRel's are left out.
@@ -179,7 +179,7 @@ def query_forms() -> dict[str, list[str]]:
             out[r].append(f"Tell me about [X]'s {noun}.")
     out[OFFICE].extend(OFFICE_QUESTIONS)
     if VARIANT["frames"]:
-        from app.methods.pnp.frames import RELATION_FRAMES
+        from app.methods.frames import RELATION_FRAMES
 
         for r, frames in FRAME_RELATIONS.items():
             assert all(f in RELATION_FRAMES for f in frames), [f for f in frames if f not in RELATION_FRAMES]

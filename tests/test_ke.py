@@ -230,7 +230,14 @@ def test_lead_in_sentences_and_relation_phrasings_join_the_gradient_and_not_the_
         # relation phrasings come from the selector's relation check, after the lead-ins
         frames = extra_prompts(req, method.parse_config({"relation_frames": 2, "context_sentences": 1}))
         assert frames == [f"{CONTEXT_SENTENCES[0]} {prompt}", *relation_phrasings(req, 2)]
-        assert method.parse_config({}).relation_frames == 0 and extra_prompts(req, method.parse_config({})) == []
+        # by default two phrasings for a statement prompt, none for a question (unless asked for)
+        assert relation_phrasings(req, 2), "the relation check found no phrasing of a capital-city edit"
+        assert extra_prompts(req, method.parse_config({})) == relation_phrasings(req, 2)
+        question = EditRequest(prompt="What is the capital city of Vendoria?", target=target, subject="Vendoria")
+        assert relation_phrasings(question, 2)
+        assert extra_prompts(question, method.parse_config({})) == []
+        assert extra_prompts(question, method.parse_config({"frames_on_questions": True})) == \
+            relation_phrasings(question, 2)
         assert extra_prompts(EditRequest(prompt=prompt, target=target), method.parse_config({"relation_frames": 2})) == []
         with pytest.raises(Exception):
             method.parse_config({"context_sentences": 9})

@@ -6,6 +6,7 @@ relation check (the queries the selector would route to the edit)."""
 from __future__ import annotations
 
 from app.methods.base import EditRequest
+from app.methods.frames import RELATION_FRAMES
 
 # Generic lead-ins for ``context_prefixes``: the edited fact should survive text before it.
 CONTEXT_PREFIXES = (
@@ -60,6 +61,13 @@ SUBJECT_TEMPLATES = (
 )
 
 
+def is_question(text: str) -> bool:
+    """Whether a prompt asks a question ("What is the capital of X?") rather than opening a statement for
+    the model to complete ("X was founded by", "Which position does X play? They play as"). Only the
+    question mark tells: a first word tells too little ("How I Met Your Mother premieres on")."""
+    return text.rstrip().endswith("?")
+
+
 def own_prompts(request: EditRequest) -> set[str]:
     """The request's prompt and paraphrases, stripped: no augmentation repeats or contradicts them."""
     return {request.prompt.strip(), *(p.strip() for p in request.paraphrases)}
@@ -72,7 +80,6 @@ def relation_phrasings(request: EditRequest, count: int) -> list[str]:
     subject = (request.subject or "").strip()
     if count <= 0 or not subject:
         return []
-    from app.methods.pnp.frames import RELATION_FRAMES
     from app.selector.scope import PLACEHOLDER, same_relation_ranked
 
     ranked = same_relation_ranked([request.prompt], subject, request.target,

@@ -36,12 +36,17 @@ class KeConfig(MethodConfig):
         "(completion form, not in the stop rule).",
     )
     relation_frames: int = Field(
-        default=0, ge=0, le=8,
+        default=2, ge=0, le=8,
         description="Also take this many built-in phrasings of the edited relation, filled with the subject "
         "(those the selector's relation check ranks first), into the gradient: completion form, not in the "
-        "stop rule; needs the edit's subject. 2 carries CounterFact edits to many more completion-form "
-        "rephrasings and costs chat answers and zsRE questions (docs/ke-notes.md, 'Relation phrasings in the "
-        "gradient'): off by default.",
+        "stop rule; needs the edit's subject. Statement prompts only (\"X was born in\"), unless "
+        "`frames_on_questions`: carries CounterFact edits to many more completion-form rephrasings, and "
+        "costs a question's own answers (docs/ke-notes.md, 'Relation phrasings in the gradient').",
+    )
+    frames_on_questions: bool = Field(
+        default=False,
+        description="Also use `relation_frames` when the prompt is a question (ends with '?', as zsRE's): the "
+        "phrasings are statements, and their gradient competes with the question's.",
     )
     extra_weight: float = Field(
         default=1.0, ge=0.0, le=10.0,

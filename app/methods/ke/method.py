@@ -19,7 +19,7 @@ import torch
 
 from app.delta import Delta
 from app.lm.engine import LM
-from app.methods.augment import CONTEXT_SENTENCES, relation_phrasings
+from app.methods.augment import CONTEXT_SENTENCES, is_question, relation_phrasings
 from app.methods.base import EditRequest, FitResult, Method, MethodUnavailable, ProgressFn, register
 from app.methods.ke import editor as E
 from app.methods.ke.config import KeConfig
@@ -101,9 +101,11 @@ def apply_editor(lm: LM, ef: E.EditorFile, request: EditRequest, loop: int = 1, 
 
 def extra_prompts(request: EditRequest, config: KeConfig) -> list[str]:
     """The prompt after ``context_sentences`` lead-in sentences and up to ``relation_frames`` phrasings of
-    the edited relation (those the selector's relation check ranks first), for the gradient."""
+    the edited relation (those the selector's relation check ranks first; for a statement prompt, or a
+    question with ``frames_on_questions``), for the gradient."""
     out = [f"{s} {request.prompt.lstrip()}" for s in CONTEXT_SENTENCES[: config.context_sentences]]
-    return out + relation_phrasings(request, config.relation_frames)
+    frames = config.relation_frames if config.frames_on_questions or not is_question(request.prompt) else 0
+    return out + relation_phrasings(request, frames)
 
 
 @register("ke")

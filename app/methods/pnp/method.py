@@ -231,7 +231,7 @@ def negative_texts(request: EditRequest, config: PnPConfig) -> list[str]:
     own = own_prompts(request)
     given = [n.strip() for n in request.negatives]
     if not any(given) and (request.subject or "").strip():
-        from app.methods.pnp.frames import OTHER_FACT_FRAMES, other_relation_prompts
+        from app.methods.frames import OTHER_FACT_FRAMES, other_relation_prompts
         from app.selector.scope import PLACEHOLDER, same_relation_scores
 
         scored = same_relation_scores([request.prompt], request.subject, request.target,
