@@ -332,3 +332,13 @@ def test_base_from_reuses_a_base_run_and_reports_the_same_rows(tmp_path):
         assert a == b, a["name"]
     first = [c for c in again["base_cases"] if c["case_id"] == tampered["base_cases"][0]["case_id"]]
     assert first and all(c["subj_queries"] != ["What colour is the sky?"] for c in first)
+    # A file that did not record its questions cannot show they are the same: every case is asked again.
+    unrecorded = json.loads((outs["base"] / "results.json").read_text())
+    for case in unrecorded["base_cases"]:
+        case["subj_queries"] = None
+    (tmp_path / "unrecorded.json").write_text(json.dumps(unrecorded))
+    res = runner.invoke(standalone(), ["eval", *common, "--method", "pnp", "--out", str(tmp_path / "unrec"),
+                                       "--base-from", str(tmp_path / "unrecorded.json"), "--base-reask"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    asked = json.loads((tmp_path / "unrec" / "results.json").read_text())["extra"]["base_from"]
+    assert asked["subject_questions_asked_here"] == 4
