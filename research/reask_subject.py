@@ -18,7 +18,20 @@ from pathlib import Path
 from app.cli.common import make_backend, set_threads
 from app.eval import metrics as M
 from app.eval.report import write_eval
-from app.eval.runner import BASE_ROW, EvalConfig, Runner
+from app.eval.runner import BASE_ROW, CaseResult, EvalConfig, Runner
+
+SUBJECT_KEYS = ("subject_locality", "subject_locality_queries", "subject_locality_routed")
+
+
+def rescore_rows(runner: Runner, rows: list[dict], mode: str, base: list[dict], edited: list[dict]) -> None:
+    """The subject-locality figures of the rows of ``mode``, as the run computes them (``Runner.row``)."""
+    active = {c["case_id"] for c in edited if not c.get("superseded_by")}
+    for row in rows:
+        if row.get("mode") != mode or "superseded" in row["name"]:
+            continue
+        src = base if row["name"].startswith(BASE_ROW) else edited
+        fresh = runner.row(row["name"], [CaseResult(**c) for c in src if c["case_id"] in active])
+        row.update({k: fresh[k] for k in SUBJECT_KEYS})
 
 
 def main() -> None:
@@ -31,7 +44,6 @@ def main() -> None:
     cfg = EvalConfig(**data["config"])
     backend, _ = make_backend(None, None, None)
     runner = Runner(backend, cfg)
-    summ = lambda v: M.summarize(v, seed=cfg.seed, n_boot=cfg.n_boot).as_dict()  # noqa: E731
     try:
         for mode in cfg.modes():
             runner.mode = mode
@@ -51,15 +63,7 @@ def main() -> None:
                          subj_loc=1.0)
                 same = [M.generation_agrees(x, y) for x, y in zip(before, c["subj_after"])]
                 c.update(subj_before=before, subj_loc=sum(same) / len(same))
-            active = {c["case_id"] for c in edited if not c.get("superseded_by")}
-            for row in data["rows"]:
-                if row.get("mode") != mode or "superseded" in row["name"]:
-                    continue
-                src = list(base.values()) if row["name"].startswith(BASE_ROW) else edited
-                src = [c for c in src if c["case_id"] in active]
-                row["subject_locality"] = summ([c.get("subj_loc") for c in src])
-                row["subject_locality_queries"] = sum(len(c.get("subj_queries") or []) for c in src)
-                row["subject_locality_routed"] = sum(1 for c in src for e in (c.get("subj_routed") or []) if e)
+            rescore_rows(runner, data["rows"], mode, list(base.values()), edited)
     finally:
         backend.close()
     info = data["extra"].setdefault("base_from", {})

@@ -595,8 +595,9 @@ class Runner:
                 asked = d.get("subj_queries")
                 plan = [q.prompt for q in self.subj[i]]
                 # A file that did not record its questions (an older harness) can only be checked by their
-                # count; asked again, every such case is asked (the same count may be other questions).
-                if (asked is not None and asked != plan) or (asked is None and (reask or len(d.get("subj_after") or []) != len(plan))):
+                # count; with ``reask`` every such case is asked again (the same count may be other questions).
+                count_only = asked is None and not reask and len(d.get("subj_after") or []) == len(plan)
+                if asked != plan and not count_only:
                     if not reask:
                         raise BaseReuseError(f"{path} asked other subject-locality questions (case {d['case_id']}); "
                                              "--base-reask asks the base model this run's before the first edit")
